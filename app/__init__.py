@@ -1,0 +1,1 @@
+"""selfnorm's command-line application (``python -m app``)."""

@@ -1,0 +1,61 @@
+"""Entry point: ``python -m app <subcommand>``.
+
+Lightning's subcommands (fit/validate/test/predict) go to the LightningCLI; the tools below are
+plain argparse programs, imported lazily so that e.g. ``solve`` starts without torch.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from app.errors import UserError
+
+# name -> (module with ``main(argv) -> int``, one-line help)
+TOOLS: dict[str, tuple[str, str]] = {
+    "solve": ("app.solve", "solve an activation's λ, α, β from ε (paper eq. 11/13, Table 5)"),
+    "prepare": ("app.prepare", "write an FFCV .beton from an image folder or dataset"),
+    "diagnose": ("app.diagnose", "per-layer E[h²] and ‖∂L/∂W‖ at initialisation vs. theory"),
+    "bench": ("app.bench", "benchmarks: kernels, loader, train, solver"),
+}
+LIGHTNING = {
+    "fit": "train a model (LightningCLI)",
+    "validate": "evaluate on the validation set",
+    "test": "evaluate on the test set",
+    "predict": "run prediction",
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m app <subcommand> [options]", "", "subcommands:"]
+    for name, text in LIGHTNING.items():
+        lines.append(f"  {name:<9} {text}")
+    for name, (_, text) in TOOLS.items():
+        lines.append(f"  {name:<9} {text}")
+    lines += ["", "`python -m app <subcommand> --help` shows each one's options."]
+    return "\n".join(lines)
+
+
+def _dispatch(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name in TOOLS:
+        return int(importlib.import_module(TOOLS[name][0]).main(rest) or 0)
+    if name in LIGHTNING or name.startswith("-"):
+        from app.cli import cli_main
+        return int(cli_main(argv) or 0)
+    raise UserError(f"unknown subcommand {name!r}; choose one of: "
+                    f"{', '.join([*LIGHTNING, *TOOLS])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _dispatch(argv)
+    except UserError as err:
+        if os.environ.get("SELFNORM_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2

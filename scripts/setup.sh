@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One idempotent set-up step, shared by the README, CI and the Dockerfile:
+#   1. system packages FFCV and the op build need (apt, when root or sudo is available),
+#   2. a virtual environment (.venv, or $SELFNORM_VENV; SELFNORM_VENV=system installs into the
+#      current interpreter, as the Docker image does),
+#   3. the project, editable, with its dev extra; torch pinned by constraints.txt,
+#   4. the compiled SELU-family op (cuda_ops), ahead of time, so no first step waits on it.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+say() { printf '[setup] %s\n' "$*"; }
+
+apt_pkgs=(libopencv-dev libturbojpeg0-dev pkg-config ninja-build)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo"
+  else
+    echo "setup: missing system packages: ${missing[*]}; install them with 'sudo apt-get install -y ${missing[*]}' and re-run." >&2
+    exit 1
+  fi
+  say "installing system packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+venv="${SELFNORM_VENV:-$root/.venv}"
+if [ "$venv" = system ]; then
+  py="$(command -v python3 || command -v python)"
+else
+  if [ ! -x "$venv/bin/python" ]; then
+    say "creating $venv"
+    "${PYTHON:-python3}" -m venv "$venv"
+  fi
+  py="$venv/bin/python"
+fi
+
+pip_args=(-q --disable-pip-version-check)
+[ -n "${SELFNORM_NO_CONSTRAINTS:-}" ] || pip_args+=(-c "$root/constraints.txt")
+stamp="$venv/.selfnorm-installed"
+[ "$venv" = system ] && stamp="$root/build/.selfnorm-installed"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "installing the project and its dependencies into $venv (first time: several minutes)"
+  "$py" -m pip install "${pip_args[@]}" --upgrade pip setuptools wheel
+  # numpy first: ffcv's sdist build needs it, and ffcv builds against the system opencv/turbojpeg.
+  "$py" -m pip install "${pip_args[@]}" numpy
+  "$py" -m pip install "${pip_args[@]}" ${SELFNORM_PIP_EXTRA:-} -e ".[dev]"
+  mkdir -p "$(dirname "$stamp")" && echo "$want" > "$stamp"
+else
+  say "dependencies up to date ($venv)"
+fi
+
+if [ -f cuda_ops/__main__.py ]; then
+  say "building the compiled op (cuda_ops): cached after the first build"
+  "$py" -m cuda_ops build
+fi
+say "done: $py"
