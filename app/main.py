@@ -9,7 +9,7 @@ import importlib
 import os
 import sys
 
-from app.errors import UserError
+from app.errors import EXIT_CODES, UserError
 
 # name -> (module with ``main(argv) -> int``, one-line help)
 TOOLS: dict[str, tuple[str, str]] = {
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return _dispatch(argv)
-    except UserError as err:
+    except tuple(EXIT_CODES) as err:
         if os.environ.get("SELFNORM_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return next(code for cls, code in EXIT_CODES.items() if isinstance(err, cls))
