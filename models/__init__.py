@@ -19,6 +19,12 @@ _LAZY = {
     "create_model": "models.registry",
     "list_models": "models.registry",
     "register_model": "models.registry",
+    "get_act_layer": "models.activations",
+    "WCConv2d": "models.layers",
+    "WCLinear": "models.layers",
+    "ImageClassifier": "models.module",
+    "TabularClassifier": "models.module",
+    "Mixup": "models.mixup",
 }
 
 __all__ = sorted(_LAZY)
