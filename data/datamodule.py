@@ -1,0 +1,345 @@
+"""``FFCVImageDataModule``: FFCV train/val loaders for single-device and DDP training.
+
+Used from LightningCLI configs as ``class_path: data.FFCVImageDataModule``. The recipe follows
+ffcv-imagenet: RandomResizedCrop decoder + flip for train, CenterCrop (ratio 224/256) for val,
+uint8 → device (non_blocking) → channels_last → normalised on the device in the training dtype.
+``num_classes`` and ``image_size`` are known right after ``__init__`` so the app can link them to
+the model, even before the .beton files exist.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
+
+from app.errors import UserError
+from data import pipelines
+from data.loader import FFCVLoader
+from data.prepare import default_beton, prepare, write_options
+from data.sidecar import beton_labels, read_sidecar
+from data.sources import count_classes, default_resolution, get_source
+
+Order = Literal["random", "quasi_random", "sequential"]
+DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
+
+# Trainer precision -> the dtype batches are normalised into (ffcv-imagenet feeds fp16 to AMP).
+PRECISION_DTYPES = {
+    "16-mixed": torch.float16, "16-true": torch.float16,
+    "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
+    "64-true": torch.float64,
+}
+
+
+class FFCVImageDataModule(LightningDataModule):
+    """Image classification from FFCV .beton files (``image``: RGB, ``label``: int).
+
+    Args:
+        train_path: train .beton. Default: a cache folder (``$SELFNORM_DATA_DIR`` or
+            ``~/.cache/selfnorm/data``) keyed by the source and its options.
+        val_path: val .beton, defaulted the same way.
+        source: dataset to prepare missing betons from (``imagefolder``, ``tiny-imagenet``,
+            ``cifar10``, ``cifar100``, ``digits``, ``synthetic``); local rank 0 prepares them
+            once in ``prepare_data`` and the other ranks wait at Lightning's barrier.
+        root: the source's folder on disk (not needed by ``digits`` and ``synthetic``).
+        source_options: the source's own options, e.g. ``{image_size: 32}`` for digits or
+            ``{num_classes: 100, num_samples: 10000, image_size: 256}`` for synthetic.
+        batch_size: per-device train batch size.
+        val_batch_size: per-device val batch size (default: ``batch_size``).
+        num_workers: decoding threads per process (default: the cores shared by the local ranks).
+        resolution: train output side (the end resolution when progressive resizing is on).
+            Default: the source's (224 for ImageNet-like folders, 32 for CIFAR and digits).
+        val_resolution: val output side (default: ``resolution``); also ``image_size``.
+        min_resolution: turns progressive resizing on: the train side grows from this at
+            ``start_ramp`` to ``resolution`` at ``end_ramp`` (epochs), in ``resolution_step``
+            steps, as ffcv-imagenet does.
+        start_ramp: first epoch of the ramp.
+        end_ramp: epoch at which ``resolution`` is reached.
+        resolution_step: the ramp's rounding (ffcv-imagenet: 32).
+        augment: recipe in ``data.pipelines.RECIPES`` (default: the source's, else imagenet).
+        val_crop_ratio: val centre-crop side / shorter image side (default: the recipe's,
+            224/256 for imagenet).
+        mean: per-channel mean in [0, 1] (default: the train sidecar's statistics, else
+            ImageNet's); SNNs assume standardised inputs.
+        std: per-channel standard deviation in [0, 1], defaulted like ``mean``.
+        dtype: dtype of the image batches; ``auto`` follows the trainer's precision.
+        channels_last: deliver images in channels_last memory format.
+        order: train order; ``quasi_random`` reads pages in bulk (for ``os_cache: false``) and
+            falls back to ``random`` under DDP, which ffcv does not support with it.
+        os_cache: rely on the OS page cache (the dataset fits in RAM) instead of ffcv's
+            process cache.
+        batches_ahead: batches decoded ahead of the training step.
+        drop_last: drop the last incomplete train batch.
+        distributed: shard the data across ranks; default: on when the trainer's world size
+            is above one. Each epoch reshuffles with ``seed`` + epoch, as DistributedSampler.
+        seed: seed of the train order (the same on every rank).
+        write_mode: prepare: ``raw``, ``jpg``, ``proportion`` or ``smart`` (default: source's).
+        max_resolution: prepare: cap on the stored longer side (0: keep; default: source's).
+        jpeg_quality: prepare: JPEG quality (default 90).
+        compress_probability: prepare: JPEG share with ``write_mode: proportion``.
+        subset: prepare: a random subset of this many train images.
+        skip_bad: prepare: skip unreadable images instead of stopping.
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        source: str | None = None,
+        root: str | None = None,
+        source_options: dict[str, Any] | None = None,
+        batch_size: int = 256,
+        val_batch_size: int | None = None,
+        num_workers: int | None = None,
+        resolution: int | None = None,
+        val_resolution: int | None = None,
+        min_resolution: int | None = None,
+        start_ramp: int = 0,
+        end_ramp: int = 0,
+        resolution_step: int = 32,
+        augment: str | None = None,
+        val_crop_ratio: float | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        dtype: DType = "auto",
+        channels_last: bool = True,
+        order: Order = "random",
+        os_cache: bool = True,
+        batches_ahead: int = 3,
+        drop_last: bool = True,
+        distributed: bool | None = None,
+        seed: int = 0,
+        write_mode: str | None = None,
+        max_resolution: int | None = None,
+        jpeg_quality: int | None = None,
+        compress_probability: float | None = None,
+        subset: int | None = None,
+        skip_bad: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.source = get_source(source).name if source else None
+        self.root = root
+        self.source_options = dict(source_options or {})
+        self.write = None
+        if self.source:
+            self.write = write_options(self.source, write_mode=write_mode,
+                                       max_resolution=max_resolution, jpeg_quality=jpeg_quality,
+                                       compress_probability=compress_probability)
+            self.write.check()
+        self.subset, self.skip_bad, self.seed = subset, skip_bad, seed
+        self.train_path = self._path("train", train_path)
+        self.val_path = self._path("val", val_path)
+        meta = read_sidecar(self.train_path) if self.train_path.is_file() else None
+        defaults_from = self.source or (meta or {}).get("source")
+        self.num_classes = self._num_classes(meta)
+        self.class_names: list[str] | None = (meta or {}).get("class_names")
+
+        self.recipe_name = augment or (get_source(defaults_from).recipe if defaults_from else "imagenet")
+        self.recipe = pipelines.get_recipe(self.recipe_name)
+        opts = self.source_options if self.source else (meta or {}).get("source_options") or {}
+        self.resolution = resolution or (default_resolution(defaults_from, **opts) if defaults_from else 224)
+        self.val_resolution = val_resolution or self.resolution
+        self.image_size = self.val_resolution
+        self.in_chans = 3
+        self.val_crop_ratio = val_crop_ratio or self.recipe.crop_ratio
+        self.min_resolution = min_resolution
+        self.start_ramp, self.end_ramp, self.resolution_step = start_ramp, end_ramp, resolution_step
+        self._check_ramp()
+
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        if self.batch_size < 1 or self.val_batch_size < 1:
+            raise UserError(f"batch_size {min(self.batch_size, self.val_batch_size)} must be "
+                            f"at least 1")
+        self.num_workers = num_workers
+        self.mean, self.std = mean, std
+        self.dtype_name, self.channels_last = dtype, channels_last
+        if order not in ("random", "quasi_random", "sequential"):
+            raise UserError(f"unknown order {order!r}; choose random, quasi_random or sequential")
+        self.order, self.os_cache, self.batches_ahead = order, os_cache, batches_ahead
+        self.drop_last, self.distributed = drop_last, distributed
+        self._loaders: dict[str, FFCVLoader] = {}
+
+    # -- what the app links to the model ---------------------------------------------------
+
+    def _path(self, split: str, given: str | None) -> Path:
+        if given:
+            return Path(given).expanduser()
+        if not self.source:
+            raise UserError(f"no {split}_path and no source given; set data.{split}_path to a "
+                            f".beton file, or data.source (e.g. digits) to prepare one")
+        subset = self.subset if split == "train" else None
+        return default_beton(self.source, split, self.root, self.source_options, self.write,
+                             subset, self.seed)
+
+    def _num_classes(self, meta: dict[str, Any] | None) -> int:
+        if meta is not None:
+            return int(meta["num_classes"])
+        if self.source:
+            return count_classes(self.source, self.root, **self.source_options)
+        if self.train_path.is_file():
+            return int(beton_labels(self.train_path).max()) + 1
+        raise UserError(f"train .beton {str(self.train_path)!r} does not exist and no source is "
+                        f"set; prepare it with `python -m app prepare` or set data.source")
+
+    def _check_ramp(self) -> None:
+        if self.min_resolution is None:
+            return
+        if not self.recipe.resizable:
+            raise UserError(f"progressive resizing (min_resolution) needs a resizing recipe; "
+                            f"{self.recipe_name!r} reads images at their stored size, use "
+                            f"augment: imagenet or drop min_resolution")
+        if not 0 < self.min_resolution <= self.resolution:
+            raise UserError(f"min_resolution {self.min_resolution} must lie in "
+                            f"(0, resolution={self.resolution}]")
+        if self.end_ramp <= self.start_ramp:
+            raise UserError(f"end_ramp {self.end_ramp} must be after start_ramp "
+                            f"{self.start_ramp} for progressive resizing")
+
+    def train_resolution(self, epoch: int) -> int:
+        """The train output side at ``epoch`` (constant unless progressive resizing is on)."""
+        if self.min_resolution is None:
+            return self.resolution
+        return pipelines.ramp_resolution(epoch, self.min_resolution, self.resolution,
+                                         self.start_ramp, self.end_ramp, self.resolution_step)
+
+    # -- Lightning hooks -------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        for split, path in (("train", self.train_path), ("val", self.val_path)):
+            if path.is_file():
+                continue
+            if not self.source:
+                raise UserError(f"{split} .beton {str(path)!r} does not exist and no source is "
+                                f"set; prepare it with `python -m app prepare` or set data.source")
+            prepare(self.source, split, path, self.root, options=self.write,
+                    source_options=self.source_options,
+                    subset=self.subset if split == "train" else None, seed=self.seed,
+                    skip_bad=self.skip_bad)
+
+    def setup(self, stage: str | None = None) -> None:
+        for path in (self.train_path, self.val_path) if stage in (None, "fit") else (self.val_path,):
+            if not path.is_file():
+                raise UserError(f".beton {str(path)!r} does not exist; run prepare_data first "
+                                f"(the trainer does) or `python -m app prepare`")
+        meta = read_sidecar(self.train_path) if self.train_path.is_file() else None
+        stats = meta or {}
+        self.mean = tuple(self.mean or stats.get("mean") or pipelines.IMAGENET_MEAN)
+        self.std = tuple(self.std or stats.get("std") or pipelines.IMAGENET_STD)
+        if self.class_names is None and meta is not None:
+            self.class_names = meta["class_names"]
+
+    def train_dataloader(self) -> FFCVLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> FFCVLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> FFCVLoader:
+        return self._loader("val")
+
+    def predict_dataloader(self) -> FFCVLoader:
+        return self._loader("val")
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device,
+                                 dataloader_idx: int) -> Any:
+        # The loader already delivered the batch on the device: no second copy.
+        if all(isinstance(t, torch.Tensor) and t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def teardown(self, stage: str | None = None) -> None:
+        for loader in self._loaders.values():
+            loader.close()
+
+    # -- building the loaders ----------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _dtype(self) -> torch.dtype:
+        if self.dtype_name != "auto":
+            return getattr(torch, self.dtype_name)
+        trainer = self.trainer
+        return PRECISION_DTYPES.get(str(trainer.precision) if trainer else "", torch.float32)
+
+    def _is_distributed(self) -> bool:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.distributed is None:
+            return world > 1
+        if self.distributed and not torch.distributed.is_initialized():
+            raise UserError("distributed: true needs a distributed trainer (strategy ddp); "
+                            "set distributed: null to follow the trainer")
+        return self.distributed
+
+    def _workers(self) -> int:
+        if self.num_workers is not None and self.num_workers > 0:
+            return self.num_workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        local = self.trainer.num_devices if self.trainer is not None else 1
+        return max(1, (cores or 1) // max(1, local))
+
+    def _loader(self, split: str) -> FFCVLoader:
+        if split not in self._loaders:
+            self._loaders[split] = self._build(split)
+        return self._loaders[split]
+
+    def _build(self, split: str) -> FFCVLoader:
+        from ffcv.loader import Loader, OrderOption
+
+        if self.mean is None or self.std is None:
+            self.setup("fit" if split == "train" else "validate")
+        device, dtype, distributed = self._device(), self._dtype(), self._is_distributed()
+        train = split == "train"
+        path = self.train_path if train else self.val_path
+        if train:
+            steps = self.recipe.train(self.train_resolution(0))
+        else:
+            steps = self.recipe.val(self.val_resolution, self.val_crop_ratio)
+        if not self.recipe.resizable:
+            self._check_fixed_size(path, self.resolution if train else self.val_resolution)
+        order = self.order if train else "sequential"
+        if order == "quasi_random" and distributed:
+            rank_zero_warn("order quasi_random is not supported by ffcv under DDP; using random")
+            order = "random"
+        loader = Loader(
+            str(path),
+            batch_size=self.batch_size if train else self.val_batch_size,
+            num_workers=self._workers(),
+            os_cache=self.os_cache,
+            order=OrderOption[order.upper()],
+            distributed=distributed,
+            seed=self.seed,
+            drop_last=self.drop_last if train else False,
+            batches_ahead=self.batches_ahead,
+            pipelines={
+                "image": pipelines.image_pipeline(steps, device, self.channels_last),
+                "label": pipelines.label_pipeline(device),
+            },
+        )
+        epoch = before = None
+        if train and self.trainer is not None:
+            epoch = lambda: self.trainer.current_epoch  # noqa: E731 - resumes continue the order
+        if train and self.min_resolution is not None:
+            decoder = steps[0]
+
+            def before(e: int) -> None:
+                side = self.train_resolution(e)
+                decoder.output_size = (side, side)
+        return FFCVLoader(loader, device=device, mean=self.mean, std=self.std, dtype=dtype,
+                          epoch=epoch, before_epoch=before)
+
+    def _check_fixed_size(self, path: Path, side: int) -> None:
+        from data.sidecar import beton_image_sizes
+
+        low, high = beton_image_sizes(path)
+        if low != high or low != (side, side):
+            raise UserError(f"recipe {self.recipe_name!r} reads images at their stored size, but "
+                            f"{str(path)!r} holds {low[0]}×{low[1]} to {high[0]}×{high[1]} "
+                            f"images, not {side}×{side}; use augment: imagenet or resolution: "
+                            f"{high[0]}")

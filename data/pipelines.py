@@ -1,0 +1,116 @@
+"""FFCV pipelines, written out literally as in ffcv-imagenet: decode → augment → tensor → device.
+
+A recipe names the decode and augmentation steps for the train and val splits; the rest of the
+pipeline (ToTensor, ToDevice, ToTorchImage) is shared. Normalisation is not an FFCV step: it
+runs in torch on the target device, in the training dtype (``data.loader``), which avoids
+ffcv's CPU hang (ffcv #396) and its cupy import for GPU normalisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from app.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_CROP_RATIO = 224 / 256
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """``train(resolution)`` and ``val(resolution, crop_ratio)`` return the decoder and the
+    augmentations; ``resizable`` says whether the decoder resizes (progressive resizing needs
+    it; fixed-size recipes read the stored images as they are)."""
+
+    train: Callable[[int], list]
+    val: Callable[[int, float], list]
+    resizable: bool
+    crop_ratio: float
+
+
+def _imagenet_train(res: int) -> list:
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip
+
+    return [RandomResizedCropRGBImageDecoder((res, res)), RandomHorizontalFlip()]
+
+
+def _center_val(res: int, ratio: float) -> list:
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+
+    return [CenterCropRGBImageDecoder((res, res), ratio=ratio)]
+
+
+def _digits_train(res: int) -> list:
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+
+    # Mild crops and no flip: a mirrored 2 or 5 is another digit, a 30 % crop loses it.
+    return [RandomResizedCropRGBImageDecoder((res, res), scale=(0.6, 1.0), ratio=(0.8, 1.25))]
+
+
+def _pad_crop_train(res: int) -> list:
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip, RandomTranslate
+
+    # The CIFAR recipe: flip, then a random crop of the image zero-padded by 1/8 of its side.
+    return [SimpleRGBImageDecoder(), RandomHorizontalFlip(), RandomTranslate(padding=res // 8)]
+
+
+def _plain_val(res: int, ratio: float) -> list:
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+
+    return [SimpleRGBImageDecoder()]
+
+
+RECIPES: dict[str, Recipe] = {
+    "imagenet": Recipe(_imagenet_train, _center_val, resizable=True, crop_ratio=DEFAULT_CROP_RATIO),
+    "digits": Recipe(_digits_train, _center_val, resizable=True, crop_ratio=1.0),
+    "pad_crop": Recipe(_pad_crop_train, _plain_val, resizable=False, crop_ratio=1.0),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise UserError(f"unknown augmentation recipe {name!r}; choose one of: "
+                        f"{', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def image_pipeline(steps: list, device: torch.device, channels_last: bool) -> list:
+    """``steps`` (decoder + augmentations) followed by the move to a (B, C, H, W) uint8 tensor.
+
+    On CUDA the uint8 batch is copied asynchronously (``non_blocking``) from pinned memory;
+    ``ToDevice`` needs a ``torch.device``, not a string.
+    """
+    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+    tail = [ToTensor()]
+    if device.type != "cpu":
+        tail.append(ToDevice(device, non_blocking=True))
+    return [*steps, *tail, ToTorchImage(channels_last=channels_last)]
+
+
+def label_pipeline(device: torch.device) -> list:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+    # Squeeze(1), not Squeeze(): a last batch of one sample must keep its batch dimension.
+    steps = [IntDecoder(), ToTensor(), Squeeze(1)]
+    if device.type != "cpu":
+        steps.append(ToDevice(device, non_blocking=True))
+    return steps
+
+
+def ramp_resolution(epoch: int, min_res: int, max_res: int, start_ramp: int, end_ramp: int,
+                    step: int = 32) -> int:
+    """ffcv-imagenet's progressive resizing: ``min_res`` until ``start_ramp``, then linear to
+    ``max_res`` at ``end_ramp``, rounded to a multiple of ``step``."""
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    frac = (epoch - start_ramp) / (end_ramp - start_ramp)
+    return int(round((min_res + frac * (max_res - min_res)) / step)) * step
