@@ -1,0 +1,45 @@
+"""Python face of ``torch.ops.selfnorm``: fake kernels for torch.compile and autograd.
+
+Imported by ``cuda_ops`` once the compiled library is loaded. The backward is itself a
+registered op (two of them: with and without the dL/dlam reduction), so autograd, torch.compile
+and AOT tracing all see kernels, never Python math.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.selfnorm
+
+
+@torch.library.register_fake("selfnorm::selu_family")
+def _(x: Tensor, lam: Tensor, alpha: float, beta: float, kappa: float) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("selfnorm::selu_family_backward")
+def _(grad: Tensor, x: Tensor, lam: Tensor, alpha: float, beta: float, kappa: float) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("selfnorm::selu_family_backward_lam")
+def _(grad: Tensor, x: Tensor, lam: Tensor, alpha: float, beta: float,
+      kappa: float) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(lam)
+
+
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    x, lam, alpha, beta, kappa = inputs
+    ctx.save_for_backward(x, lam)
+    ctx.coeffs = (alpha, beta, kappa)
+
+
+def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, lam = ctx.saved_tensors
+    if ctx.needs_input_grad[1]:
+        grad_x, grad_lam = _ops.selu_family_backward_lam(grad, x, lam, *ctx.coeffs)
+        return grad_x, grad_lam, None, None, None
+    return _ops.selu_family_backward(grad, x, lam, *ctx.coeffs), None, None, None, None
+
+
+torch.library.register_autograd("selfnorm::selu_family", _backward, setup_context=_setup_context)

@@ -1,0 +1,372 @@
+"""The compiled SELU-family op against the Python reference (models.functional), on CPU and,
+where a GPU is present, CUDA: values and both gradients per dtype, gradcheck, opcheck,
+torch.compile, layouts, NaN/Inf, determinism of dL/dλ, the build cache and the fallback."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cuda_ops
+from cuda_ops.build import cuda_home
+from models.functional import selu_family as reference
+from models.functional import selu_family_grad as reference_grad
+
+ROOT = Path(__file__).resolve().parent.parent
+SELU = (1.0507009873554805, 1.6732632423543772, 1.0, 0.0)  # λ, α, β, κ
+# Parameter sets covering each branch of the kernels: SELU, sSELU-like (β ≠ 1), lSELU-like (κ ≠ 0),
+# ReLU (α = κ = 0).
+FAMILIES = {
+    "selu": SELU,
+    "sselu": (1.0418, 1.4812, 0.62, 0.0),
+    "lselu": (1.0312, 1.5437, 1.0, 0.1835),
+    "relu": (1.4142, 0.0, 1.0, 0.0),
+}
+# (rtol, atol) against the float64 reference: the issue's relative tolerances; atol only covers
+# results that round to (sub)normal zero in the low-precision formats.
+TOLERANCE = {
+    torch.float64: (1e-12, 1e-300),
+    torch.float32: (1e-6, 1e-30),
+    torch.bfloat16: (1e-2, 1e-30),
+    torch.float16: (1e-2, 1e-7),
+}
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_gpu])]
+
+if cuda_ops.status.cpu != "compiled":
+    pytest.skip(f"the compiled op is not built here ({cuda_ops.status.reason})",
+                allow_module_level=True)
+
+
+def inputs(dtype: torch.dtype, device: str, n: int = 4099, seed: int = 0) -> torch.Tensor:
+    """Normal samples, a dense sweep through 0, and a wide range of negatives; odd length so the
+    vector loops' tails run."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.randn(n, generator=g, dtype=torch.float64) * 3,
+                   torch.linspace(-2, 2, 1001, dtype=torch.float64),
+                   -torch.logspace(-8, 2, 301, dtype=torch.float64)])
+    return x.to(device=device, dtype=dtype)
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
+                   exponent: torch.Tensor | None = None) -> None:
+    """``actual`` within the dtype's tolerance of ``expected``. Where f' holds e^{βx}, pass the
+    exponent βx: e^{βx} then inherits the rounding of βx, |βx|·eps/2 relative, in any
+    implementation in that dtype (1e-6 relative holds for float32 only while |βx| < ~10)."""
+    rtol, atol = TOLERANCE[dtype]
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if exponent is not None:
+        rtol = rtol + exponent.detach().double().abs().cpu() * torch.finfo(dtype).eps / 2
+    bound = atol + rtol * e.abs()
+    ok = (a == e) | ((a - e).abs() <= bound) | (a.isnan() & e.isnan())
+    if not ok.all():
+        i = int(torch.argmax(((a - e).abs() - bound).nan_to_num(float("inf"))))
+        raise AssertionError(f"{int((~ok).sum())}/{ok.numel()} elements off; worst: got "
+                             f"{a.flatten()[i].item()!r}, expected {e.flatten()[i].item()!r}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_forward_and_gradients_match_reference(family, dtype, device):
+    lam0, alpha, beta, kappa = FAMILIES[family]
+    x = inputs(dtype, device).requires_grad_()
+    lam_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    lam = torch.tensor(lam0, dtype=lam_dtype, device=device, requires_grad=True)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64).to(device=device, dtype=dtype)
+    y = cuda_ops.selu_family(x, lam, alpha, beta, kappa)
+    y.backward(grad)
+
+    x64, grad64 = x.detach().double(), grad.double()
+    assert y.dtype == dtype and x.grad.dtype == dtype and lam.grad.dtype == lam_dtype
+    assert_matches(y, reference(x64, lam0, alpha, beta, kappa), dtype)
+    assert_matches(x.grad, grad64 * reference_grad(x64, lam0, alpha, beta, kappa), dtype,
+                   exponent=beta * x64)
+    # dL/dλ = Σ grad · f(x)/λ is summed in float (float64 for float64 inputs), so it keeps the
+    # inputs' accuracy even for the 16-bit formats; λ's own dtype (float32) bounds it.
+    expected = (grad64 * reference(x64, 1.0, alpha, beta, kappa)).sum()
+    torch.testing.assert_close(lam.grad.double(), expected, rtol=max(TOLERANCE[dtype][0], 1e-6),
+                               atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float_lam_equals_tensor_lam_and_gets_no_gradient_path(device):
+    lam0, alpha, beta, kappa = FAMILIES["lselu"]
+    x = inputs(torch.float32, device)
+    a = cuda_ops.selu_family(x, lam0, alpha, beta, kappa)
+    b = cuda_ops.selu_family(x, torch.tensor(lam0, device=device), alpha, beta, kappa)
+    c = cuda_ops.selu_family(x, torch.tensor([lam0], dtype=torch.float64), alpha, beta, kappa)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["selu", "lselu"])
+def test_gradcheck_float64(family, device):
+    lam0, alpha, beta, kappa = FAMILIES[family]
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 2).to(device).requires_grad_()
+    lam = torch.tensor(lam0, dtype=torch.float64, device=device, requires_grad=True)
+    fn = lambda x, lam: cuda_ops.selu_family(x, lam, alpha, beta, kappa)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, lam))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    lam0, alpha, beta, kappa = FAMILIES["lselu"]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 5, generator=g).to(device)
+    grad = torch.randn(2, 3, 4, 5, generator=g).to(device)
+    lam = torch.tensor(lam0, device=device)
+    ops = torch.ops.selfnorm
+    cases = [
+        (ops.selu_family.default, (x.requires_grad_(), lam.requires_grad_(), alpha, beta, kappa)),
+        (ops.selu_family.default, (x.to(memory_format=torch.channels_last).detach()
+                                   .requires_grad_(), 1.0 * lam.detach(), alpha, beta, kappa)),
+        (ops.selu_family_backward.default, (grad, x.detach(), lam.detach(), alpha, beta, kappa)),
+        (ops.selu_family_backward_lam.default, (grad, x.detach(), lam.detach(), alpha, beta,
+                                                kappa)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+class _Act(nn.Module):
+    def __init__(self, trainable: bool) -> None:
+        super().__init__()
+        lam0, self.alpha, self.beta, self.kappa = FAMILIES["lselu"]
+        self.lam = nn.Parameter(torch.tensor(lam0)) if trainable else lam0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cuda_ops.selu_family(x, self.lam, self.alpha, self.beta, self.kappa)
+
+
+def _compile_matches_eager(backend: str, device: str, trainable: bool) -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _Act(trainable), nn.Conv2d(8, 4, 3), _Act(trainable))
+    model = model.to(device)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(2, 3, 12, 12, device=device)
+    (model(x) ** 2).sum().backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = compiled(x)
+    (out ** 2).sum().backward()
+    torch.testing.assert_close(out, model(x))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("trainable", [True, False])
+def test_compile_fullgraph_matches_eager(device, trainable):
+    torch._dynamo.reset()
+    _compile_matches_eager("aot_eager", device, trainable)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_inductor_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+    _compile_matches_eager("inductor", device, trainable=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "strided", "offset"])
+def test_layouts(layout, device):
+    lam0, alpha, beta, kappa = FAMILIES["lselu"]
+    base = torch.randn(4, 6, 10, 10, generator=torch.Generator().manual_seed(5)).to(device)
+    x = {
+        "channels_last": base.to(memory_format=torch.channels_last),
+        "transposed": base.transpose(1, 3),
+        "strided": base[:, ::2, 1:, ::3],
+        "offset": base.flatten()[3:-1],  # data pointer off the 16-byte vector alignment
+    }[layout].requires_grad_()
+    lam = torch.tensor(lam0, device=device, requires_grad=True)
+    y = cuda_ops.selu_family(x, lam, alpha, beta, kappa)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x64 = x.detach().double().requires_grad_()
+    lam64 = torch.tensor(lam0, dtype=torch.float64, device=device, requires_grad=True)
+    reference(x64, lam64, alpha, beta, kappa).backward(grad.double())
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_matches(y, reference(x64.detach(), lam0, alpha, beta, kappa), torch.float32)
+    assert_matches(x.grad, x64.grad, torch.float32)
+    torch.testing.assert_close(lam.grad.double(), lam64.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_and_scalar_inputs(device):
+    lam = torch.tensor(1.05, device=device, requires_grad=True)
+    empty = torch.empty(0, 3, device=device, requires_grad=True)
+    y = cuda_ops.selu_family(empty, lam, 1.67, 1.0, 0.1)
+    y.sum().backward()
+    assert y.shape == (0, 3) and empty.grad.shape == (0, 3) and lam.grad.item() == 0.0
+    scalar = torch.tensor(-0.5, device=device, requires_grad=True)
+    z = cuda_ops.selu_family(scalar, lam, 1.67, 1.0, 0.1)
+    assert z.shape == ()
+    assert_matches(z, reference(scalar.detach().double(), 1.05, 1.67, 1.0, 0.1), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_nan_and_inf_like_torch_selu(dtype, device):
+    lam0, alpha, _, _ = SELU
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 2.0, -2.0],
+                     dtype=dtype, device=device, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y = cuda_ops.selu_family(x, lam0, alpha)
+    y_ref = F.selu(x_ref)
+    grad = torch.ones_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(y, y_ref, rtol=max(rtol, 1e-6), atol=atol, equal_nan=True)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=max(rtol, 1e-6), atol=atol,
+                               equal_nan=True)
+
+
+def test_lselu_at_minus_inf_is_minus_inf():
+    lam0, alpha, beta, kappa = FAMILIES["lselu"]
+    y = cuda_ops.selu_family(torch.tensor([-float("inf")]), lam0, alpha, beta, kappa)
+    assert y.item() == -float("inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lambda_gradient_is_deterministic_across_thread_counts(dtype):
+    x = torch.randn(3, 100_003, generator=torch.Generator().manual_seed(6)).to(dtype)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    lam = torch.tensor(1.05)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            gx, glam = torch.ops.selfnorm.selu_family_backward_lam(grad, x, lam, 1.6, 0.9, 0.2)
+            results.append((gx, glam))
+    finally:
+        torch.set_num_threads(threads)
+    for gx, glam in results[1:]:
+        assert torch.equal(gx, results[0][0]) and torch.equal(glam, results[0][1])
+
+
+def test_rejects_bad_inputs():
+    x = torch.randn(4)
+    with pytest.raises(RuntimeError, match="one-element"):
+        torch.ops.selfnorm.selu_family(x, torch.ones(2), 1.6, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+        torch.ops.selfnorm.selu_family(torch.arange(4), torch.tensor(1.0), 1.6, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="grad must match x"):
+        torch.ops.selfnorm.selu_family_backward(torch.randn(3), x, torch.tensor(1.0), 1.6, 1.0,
+                                                0.0)
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+_CHECK_VARIANT = """
+import torch, cuda_ops
+from models.functional import selu_family as ref, selu_family_grad as ref_grad
+x = torch.cat([torch.randn(10007, generator=torch.Generator().manual_seed(0)) * 3,
+               torch.linspace(-2, 2, 1001)])
+for dtype, rtol in ((torch.float32, 1e-6), (torch.float64, 1e-12), (torch.bfloat16, 1e-2)):
+    xd = x.to(dtype)
+    x64 = xd.double()
+    for lam0, a, b, k in ((1.0507, 1.6733, 1.0, 0.0), (1.0312, 1.5437, 0.7, 0.1835)):
+        lam = torch.tensor(lam0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        grad = torch.ones_like(xd)
+        y = cuda_ops.selu_family(xd, lam, a, b, k)
+        gx, glam = torch.ops.selfnorm.selu_family_backward_lam(grad, xd, lam, a, b, k)
+        torch.testing.assert_close(y.double(), ref(x64, lam0, a, b, k), rtol=rtol, atol=0)
+        torch.testing.assert_close(gx.double(), ref_grad(x64, lam0, a, b, k), rtol=rtol, atol=0)
+        torch.testing.assert_close(glam.double(), ref(x64, 1.0, a, b, k).sum(),
+                                   rtol=max(rtol, 1e-6), atol=0)
+print(torch.ops.selfnorm.cpu_variant())
+"""
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512"])
+def test_each_cpu_isa_build_matches_reference(capability):
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    here = torch.backends.cpu.get_cpu_capability()
+    if here not in order or order.index(capability) > order.index(here):
+        pytest.skip(f"this CPU runs {here} kernels, not {capability}")
+    done = _run(_CHECK_VARIANT, ATEN_CPU_CAPABILITY=capability.lower())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == capability
+
+
+def test_import_reuses_the_setup_build():
+    done = _run("import cuda_ops; print(cuda_ops.status.build_seconds)")
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) == 0.0
+    assert "compiling" not in done.stderr
+
+
+def test_info_json():
+    done = _run("from cuda_ops.__main__ import main; main(['info', '--json'])")
+    assert done.returncode == 0, done.stderr
+    state = json.loads(done.stdout)
+    assert state["cpu"] == "compiled"
+    assert state["cuda"] in ("compiled", "not built", "fallback")
+    assert state["cpu_kernel"] in ("DEFAULT", "AVX2", "AVX512")
+
+
+@pytest.mark.skipif(torch.version.cuda is None or cuda_home() is None,
+                    reason="needs nvcc and a CUDA build of torch")
+def test_cuda_kernels_are_compiled_when_nvcc_and_cuda_torch_exist():
+    """How CI (no GPU, but nvcc) proves the .cu file compiles and registers its kernels."""
+    assert cuda_ops.status.cuda == "compiled", cuda_ops.status.reason
+    for op in ("selu_family", "selu_family_backward", "selu_family_backward_lam"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"selfnorm::{op}", "CUDA")
+
+
+def test_without_a_compiler_falls_back_to_the_reference_with_one_warning(tmp_path):
+    code = """
+import warnings, torch
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import cuda_ops
+    import models.activations
+from models.functional import selu_family as ref
+x = torch.randn(100)
+assert torch.equal(cuda_ops.selu_family(x, 1.05, 1.67, 0.9, 0.1), ref(x, 1.05, 1.67, 0.9, 0.1))
+print(len([w for w in caught if "cuda_ops" in str(w.message)]), cuda_ops.info()["cpu"])
+"""
+    done = _run(code, CXX=str(tmp_path / "no-such-compiler"), SELFNORM_OPS_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "fallback"]
+    assert "no C++ compiler" in done.stderr
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_lambda_on_device_or_host_and_determinism():
+    lam0, alpha, beta, kappa = FAMILIES["lselu"]
+    x = torch.randn(8, 64, 56, 56, device="cuda")
+    grad = torch.randn_like(x)
+    on_device = torch.tensor(lam0, device="cuda")
+    on_host = torch.tensor(lam0)
+    ops = torch.ops.selfnorm
+    a = ops.selu_family(x, on_device, alpha, beta, kappa)
+    b = ops.selu_family(x, on_host, alpha, beta, kappa)
+    assert torch.equal(a, b)
+    runs = [ops.selu_family_backward_lam(grad, x, on_device, alpha, beta, kappa) for _ in range(3)]
+    for gx, glam in runs[1:]:
+        assert torch.equal(gx, runs[0][0]) and torch.equal(glam, runs[0][1])
+    assert runs[0][1].device.type == "cuda"
+    _, glam_host = ops.selu_family_backward_lam(grad, x, on_host, alpha, beta, kappa)
+    assert glam_host.device.type == "cpu"
+    expected = (grad.double() * reference(x.double(), 1.0, alpha, beta, kappa)).sum()
+    torch.testing.assert_close(runs[0][1].double(), expected, rtol=1e-6, atol=0)
