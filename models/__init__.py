@@ -25,6 +25,7 @@ _LAZY = {
     "ImageClassifier": "models.module",
     "TabularClassifier": "models.module",
     "Mixup": "models.mixup",
+    "NormalizationMonitor": "models.monitor",
 }
 
 __all__ = sorted(_LAZY)
