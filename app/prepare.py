@@ -66,10 +66,14 @@ def main(argv: list[str]) -> int:
                                         ("num_samples", args.num_samples)) if v is not None}
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.perf_counter()
-    meta = prepare(args.source, args.split, args.out, args.root, options=options,
-                   source_options=source_options, subset=args.subset, seed=args.seed,
-                   overwrite=args.overwrite, skip_bad=args.skip_bad,
-                   progress=not args.no_progress)
+    try:
+        meta = prepare(args.source, args.split, args.out, args.root, options=options,
+                       source_options=source_options, subset=args.subset, seed=args.seed,
+                       overwrite=args.overwrite, skip_bad=args.skip_bad,
+                       progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} was not written", file=sys.stderr)
+        return 130
     size = args.out.stat().st_size / 2 ** 20
     print(f"wrote {args.out} ({meta['num_samples']} images, {meta['num_classes']} classes, "
           f"{size:.1f} MiB) in {time.perf_counter() - started:.1f} s")

@@ -14,6 +14,9 @@
 * ffcv's ``Compiler.set_num_threads`` also calls ``torch.set_num_threads(num_workers)``, from its
   producer thread too, which silently caps torch's pool for the training step (matmuls 2×
   slower measured with ``num_workers=1`` on 2 cores); only its numba part is kept.
+* ffcv's OS-cache reader marks numba's shared, interned ``uint8[::1]`` type read-only by
+  mutating it, which corrupts numba's dispatcher tables ("Exception ignored ... KeyError" each
+  time a loader is freed); the same reader is compiled with a read-only type of its own.
 """
 from __future__ import annotations
 
@@ -25,18 +28,30 @@ import torch
 from torch import Tensor
 
 
-def _numba_threads_only() -> None:
+def _patch_ffcv() -> None:
     import numba
+    import numpy as np
+    from ffcv.memory_managers.os_cache import OSCacheManager
     from ffcv.pipeline.compiler import Compiler
 
     def set_num_threads(cls, n: int) -> None:
         cls.num_threads = n if n >= 1 else cpu_count()
         numba.set_num_threads(min(cls.num_threads, numba.config.NUMBA_NUM_THREADS))
 
+    def compile_reader(self):
+        def read(address, mem_state):
+            size = mem_state[2][np.searchsorted(mem_state[1], address)]
+            return mem_state[0][address:address + size]
+
+        data = numba.types.Array(numba.uint8, 1, "C", readonly=True)
+        table = numba.uint64[::1]
+        return Compiler.compile(read, data(numba.uint64, numba.types.Tuple([data, table, table])))
+
     Compiler.set_num_threads = classmethod(set_num_threads)
+    OSCacheManager.compile_reader = compile_reader
 
 
-_numba_threads_only()
+_patch_ffcv()
 
 
 def stop_epoch(it) -> None:

@@ -218,6 +218,9 @@ def write_beton(source: ImageSource, out: str | os.PathLike, options: WriteOptio
     started = time.perf_counter()
     ctx = mp.get_context("fork")
     todo, results = ctx.Queue(), ctx.Queue()
+    # On an error or Ctrl-C the workers are gone with chunks still queued: without this the
+    # interpreter would wait at exit to flush them into a pipe nobody reads.
+    todo.cancel_join_thread()
     procs: list = []
     try:
         writer.prepare()  # header, field descriptors and the shared metadata block

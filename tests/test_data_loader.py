@@ -1,0 +1,221 @@
+"""``FFCVImageDataModule`` and ``FFCVLoader`` on real .beton files, alone and under Lightning."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lightning.pytorch as pl
+from app.errors import UserError
+from data.datamodule import FFCVImageDataModule
+from data.prepare import prepare
+from data.sources import open_source
+from data.writer import WriteOptions
+
+N = 96  # one class per sample, so labels identify samples
+SYN = {"num_classes": N, "num_samples": N, "image_size": 16}
+RAW = WriteOptions(write_mode="raw", max_resolution=None, num_workers=1)
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("betons")
+    for split in ("train", "val"):
+        prepare("synthetic", split, folder / f"{split}.beton", options=RAW, source_options=SYN,
+                progress=False)
+    return folder / "train.beton", folder / "val.beton"
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("SELFNORM_DATA_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def module(betons, **kw) -> FFCVImageDataModule:
+    args = dict(train_path=str(betons[0]), val_path=str(betons[1]), batch_size=16,
+                num_workers=1, drop_last=False)
+    return FFCVImageDataModule(**(args | kw))
+
+
+def labels_of(loader) -> list[int]:
+    return [int(v) for _, y in loader for v in y]
+
+
+def wait_for_threads(count: int, timeout: float = 5.0) -> int:
+    deadline = time.time() + timeout
+    while threading.active_count() > count and time.time() < deadline:
+        time.sleep(0.05)
+    return threading.active_count()
+
+
+def test_val_batches_are_the_stored_pixels_normalised(betons):
+    mean, std = (0.2, 0.4, 0.6), (0.5, 0.25, 0.125)
+    dm = module(betons, augment="pad_crop", mean=mean, std=std)
+    dm.setup("validate")
+    src = open_source("synthetic", None, "val", **SYN)
+    seen = 0
+    for x, y in dm.val_dataloader():
+        assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+        assert y.dtype == torch.int64 and y.shape == (x.shape[0],)
+        for k in range(len(y)):
+            img = torch.from_numpy(src.image(seen + k)).permute(2, 0, 1).double() / 255
+            want = (img - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+            torch.testing.assert_close(x[k].double(), want, atol=1e-5, rtol=0)
+            assert int(y[k]) == src.labels[seen + k]
+        seen += len(y)
+    assert seen == N  # the last, partial val batch is kept
+
+
+def test_default_statistics_standardise_inputs(betons):
+    dm = module(betons, augment="pad_crop")
+    dm.setup("fit")
+    x = torch.cat([b for b, _ in dm.val_dataloader()])
+    assert abs(float(x.mean())) < 0.1 and abs(float(x.std()) - 1) < 0.1
+
+
+def test_order_reshuffles_every_epoch_and_resumes(betons):
+    loader = module(betons).train_dataloader()
+    epochs = [labels_of(loader) for _ in range(4)]
+    for order in epochs:
+        assert sorted(order) == list(range(N))
+    assert len({tuple(o) for o in epochs}) == 4
+    resumed = module(betons).train_dataloader()
+    resumed._epoch = lambda: 3  # what the trainer reports after resuming at epoch 3
+    assert labels_of(resumed) == epochs[3]
+
+
+def test_leaving_epochs_early_does_not_leak_threads(betons):
+    loader = module(betons, batch_size=8).train_dataloader()
+    base = threading.active_count()
+    for _ in range(8):
+        next(iter(loader))  # the iterator is dropped after one batch, as limit_*_batches does
+        assert wait_for_threads(base + 1) <= base + 1
+    held = iter(loader)
+    next(held)
+    loader.close()
+    assert wait_for_threads(base) == base
+    with pytest.raises(StopIteration):
+        next(held)
+
+
+def test_held_batches_are_not_overwritten(betons):
+    """Lightning keeps one batch while fetching the next; ffcv reuses its buffers."""
+    loader = module(betons, batch_size=8, batches_ahead=1).train_dataloader()
+    it = iter(loader)
+    x0, y0 = next(it)
+    copies = x0.clone(), y0.clone()
+    rest = list(it)
+    assert len(rest) == N // 8 - 1
+    assert torch.equal(x0, copies[0]) and torch.equal(y0, copies[1])
+
+
+def test_torch_threads_are_left_alone(betons):
+    from ffcv.pipeline.compiler import Compiler
+
+    before = torch.get_num_threads()
+    loader = module(betons, num_workers=1).train_dataloader()
+    labels_of(loader)
+    Compiler.set_num_threads(1)
+    assert torch.get_num_threads() == before
+
+
+def test_progressive_resizing_follows_the_ramp(betons):
+    dm = module(betons, resolution=16, min_resolution=8, start_ramp=0, end_ramp=2,
+                resolution_step=4)
+    assert [dm.train_resolution(e) for e in range(4)] == [8, 12, 16, 16]
+    loader = dm.train_dataloader()
+    sides = [next(iter(loader))[0].shape[-1] for _ in range(3)]
+    assert sides == [8, 12, 16]
+    assert dm.image_size == 16
+
+
+def test_facts_are_known_before_any_file_exists(data_dir):
+    dm = FFCVImageDataModule(source="digits", num_workers=1)
+    assert (dm.num_classes, dm.image_size, dm.in_chans) == (10, 32, 3)
+    assert dm.recipe_name == "digits" and not data_dir.exists()
+    syn = FFCVImageDataModule(source="synthetic", source_options={"num_classes": 7,
+                                                                    "image_size": 48})
+    assert (syn.num_classes, syn.image_size) == (7, 48)
+    dm.prepare_data()
+    assert dm.train_path.is_file() and dm.val_path.is_file()
+    assert dm.train_path.parent.parent == data_dir
+    again = FFCVImageDataModule(source="digits")
+    assert again.train_path == dm.train_path and again.class_names == [str(d) for d in range(10)]
+    from_file = FFCVImageDataModule(train_path=str(dm.train_path), val_path=str(dm.val_path))
+    assert (from_file.num_classes, from_file.image_size, from_file.recipe_name) == (10, 32, "digits")
+
+
+def test_bad_configuration_is_one_user_error(betons, tmp_path, data_dir):
+    with pytest.raises(UserError, match="no train_path and no source"):
+        FFCVImageDataModule()
+    with pytest.raises(UserError, match="does not exist and no source"):
+        FFCVImageDataModule(train_path=str(tmp_path / "no.beton"), val_path=str(betons[1]))
+    with pytest.raises(UserError, match="unknown source"):
+        FFCVImageDataModule(source="mnist")
+    with pytest.raises(UserError, match="unknown augmentation recipe"):
+        module(betons, augment="autoaugment")
+    with pytest.raises(UserError, match="unknown order"):
+        module(betons, order="shuffled")
+    with pytest.raises(UserError, match="progressive resizing"):
+        module(betons, augment="pad_crop", min_resolution=8, end_ramp=3)
+    with pytest.raises(UserError, match="end_ramp"):
+        module(betons, min_resolution=8, start_ramp=3, end_ramp=3)
+    with pytest.raises(UserError, match="16×16 images, not 32×32"):
+        module(betons, augment="pad_crop", resolution=32).train_dataloader()
+    assert not data_dir.exists()
+
+
+class Linear(pl.LightningModule):
+    def __init__(self, num_classes: int, side: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * side * side, num_classes))
+        self.threads: list[int] = []
+        self.batches: list = []
+
+    def training_step(self, batch, idx):
+        x, y = batch
+        self.batches = self.batches[:1] + [batch]  # the first and the latest
+        return nn.functional.cross_entropy(self.net(x.float()), y)
+
+    def validation_step(self, batch, idx):
+        x, y = batch
+        self.log("val_acc", (self.net(x.float()).argmax(1) == y).float().mean())
+
+    def on_train_epoch_start(self):
+        self.threads.append(threading.active_count())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def trainer(**kw) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, **kw)
+
+
+def test_limited_batches_under_lightning_do_not_grow_threads(betons):
+    dm = module(betons, batch_size=8)
+    model = Linear(dm.num_classes, dm.image_size)
+    base = threading.active_count()
+    trainer(max_epochs=6, limit_train_batches=2, limit_val_batches=1).fit(model, dm)
+    assert len(set(model.threads)) == 1, model.threads  # without the fix: +2 threads per epoch
+    assert wait_for_threads(base) == base
+
+
+def test_digits_train_under_lightning(data_dir):
+    """Images and labels stay aligned through prepare, decode and augmentation."""
+    dm = FFCVImageDataModule(source="digits", batch_size=64, num_workers=1)
+    model = Linear(dm.num_classes, dm.image_size)
+    t = trainer(max_epochs=8, precision="bf16-mixed")
+    t.fit(model, dm)
+    x, y = model.batches[-1]
+    assert x.dtype == torch.bfloat16 and x.device.type == "cpu"  # the trainer's dtype
+    assert dm.transfer_batch_to_device(model.batches[0], torch.device("cpu"), 0) is model.batches[0]
+    acc = t.validate(model, dm, verbose=False)[0]["val_acc"]
+    assert acc > 0.75  # chance is 0.1; a linear model reaches ~0.85-0.9
