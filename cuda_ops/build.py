@@ -190,7 +190,7 @@ def compile_and_load(p: Plan, verbose: bool = False) -> float:
                  extra_cuda_cflags=list(p.cuda_cflags), extra_ldflags=list(p.ldflags),
                  extra_include_paths=list(p.include_dirs), build_directory=str(p.directory),
                  with_cuda=p.with_cuda, is_python_module=False, verbose=verbose)
-    except (RuntimeError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 (a failed build must leave the reference usable)
         log = p.directory / "build.log"
         log.write_text(str(err))
         raise BuildError(f"compiling {what} failed; full output in {log}\n{err}") from err
@@ -247,9 +247,11 @@ def ensure(verbose: bool | None = None) -> Status:
     for p in plans:
         try:
             seconds = compile_and_load(p, verbose=verbose)
+        except MissingToolchain as err:
+            reason = str(err)  # no other plan can build either; cuda_ops warns once
+            break
         except BuildError as err:
-            if not isinstance(err, MissingToolchain):
-                error = error or str(err)
+            error = error or str(err)
             reason = str(err).splitlines()[0]
             _log(reason)
             continue

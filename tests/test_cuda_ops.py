@@ -17,7 +17,7 @@ from torch import nn
 import cuda_ops
 from cuda_ops.build import cuda_home
 from models.functional import selu_family as reference
-from models.functional import selu_family_grad as reference_grad
+from models.functional import selu_family_grad as reference_grad  # f'(x)
 
 ROOT = Path(__file__).resolve().parent.parent
 SELU = (1.0507009873554805, 1.6732632423543772, 1.0, 0.0)  # λ, α, β, κ
@@ -342,12 +342,13 @@ with warnings.catch_warnings(record=True) as caught:
 from models.functional import selu_family as ref
 x = torch.randn(100)
 assert torch.equal(cuda_ops.selu_family(x, 1.05, 1.67, 0.9, 0.1), ref(x, 1.05, 1.67, 0.9, 0.1))
-print(len([w for w in caught if "cuda_ops" in str(w.message)]), cuda_ops.info()["cpu"])
+ours = [str(w.message) for w in caught if "cuda_ops" in str(w.message)]
+assert len(ours) == 1 and "no C++ compiler" in ours[0], ours
+print(cuda_ops.info()["cpu"], cuda_ops.info()["cuda"])
 """
     done = _run(code, CXX=str(tmp_path / "no-such-compiler"), SELFNORM_OPS_DIR=str(tmp_path))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["1", "fallback"]
-    assert "no C++ compiler" in done.stderr
+    assert done.stdout.split() == ["fallback", "fallback" if torch.version.cuda else "not built"]
 
 
 @pytest.mark.cuda
@@ -370,3 +371,19 @@ def test_cuda_lambda_on_device_or_host_and_determinism():
     assert glam_host.device.type == "cpu"
     expected = (grad.double() * reference(x.double(), 1.0, alpha, beta, kappa)).sum()
     torch.testing.assert_close(runs[0][1].double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.version.cuda is None or cuda_home() is None,
+                    reason="needs nvcc and a CUDA build of torch")
+def test_build_fails_loudly_when_the_cuda_part_does_not_compile(tmp_path):
+    """An unknown architecture makes the CUDA compile fail; ``build`` must exit 1 and say so,
+    while the import still comes up on the CPU kernels."""
+    done = subprocess.run([sys.executable, "-m", "cuda_ops", "build"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TORCH_CUDA_ARCH_LIST": "1.0",
+                               "SELFNORM_OPS_DIR": str(tmp_path)})
+    assert done.returncode == 1
+    assert "error: compiling CPU + CUDA kernels failed" in done.stderr
+    assert "Unknown CUDA arch" in done.stderr
+    assert "unavailable for cuda tensors" in done.stderr
