@@ -170,8 +170,7 @@ def _heartbeat(what: str) -> Iterator[None]:
 def compile_and_load(p: Plan, verbose: bool = False) -> float:
     """Build ``p`` (unless its directory holds a finished build) and load it; returns seconds
     spent compiling (0 when the cached build was reused)."""
-    marker = p.directory / "complete"
-    if marker.is_file() and p.library.is_file():
+    if (p.directory / "complete").is_file() and p.library.is_file():
         _load(p.library)
         return 0.0
     if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -180,24 +179,32 @@ def compile_and_load(p: Plan, verbose: bool = False) -> float:
         raise MissingToolchain("ninja not found (pip install ninja)")
     what = "CPU + CUDA kernels" if p.with_cuda else "CPU kernels"
     arch = f", TORCH_CUDA_ARCH_LIST={p.arch_list}" if p.with_cuda else ""
-    _log(f"compiling {what}{arch} into {p.directory} (once; about a minute on 2 cores)")
-    p.directory.mkdir(parents=True, exist_ok=True)
+    _log(f"compiling {what}{arch} into {p.directory} (once; 1-2 minutes on 2 cores)")
     start = time.monotonic()
     try:
+        p.directory.mkdir(parents=True, exist_ok=True)
         with _toolchain_env(p), _heartbeat(what):
             from torch.utils.cpp_extension import load
             load(NAME, [str(CSRC / s) for s in p.sources], extra_cflags=list(p.cflags),
                  extra_cuda_cflags=list(p.cuda_cflags), extra_ldflags=list(p.ldflags),
                  extra_include_paths=list(p.include_dirs), build_directory=str(p.directory),
                  with_cuda=p.with_cuda, is_python_module=False, verbose=verbose)
+        seconds = time.monotonic() - start
+        (p.directory / "complete").write_text(f"{seconds:.1f}\n")
     except Exception as err:  # noqa: BLE001 (a failed build must leave the reference usable)
-        log = p.directory / "build.log"
-        log.write_text(str(err))
-        raise BuildError(f"compiling {what} failed; full output in {log}\n{err}") from err
-    seconds = time.monotonic() - start
-    marker.write_text(f"{seconds:.1f}\n")
+        raise BuildError(f"compiling {what} failed{_save_log(p, err)}\n{err}") from err
     _log(f"built {what} in {seconds:.0f} s")
     return seconds
+
+
+def _save_log(p: Plan, err: Exception) -> str:
+    """Keeps the compiler output next to the failed build, where the directory is writable."""
+    log = p.directory / "build.log"
+    try:
+        log.write_text(str(err))
+    except OSError:
+        return ""
+    return f"; full output in {log}"
 
 
 def _load(library: Path) -> None:
