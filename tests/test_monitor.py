@@ -1,0 +1,361 @@
+"""NormalizationMonitor and the explosion guard, on tiny models trained by a real Trainer."""
+import gc
+import re
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins import MixedPrecision
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from app.errors import TrainingDiverged, UserError
+from models.monitor import KINDS, NormalizationMonitor, select_layers
+
+BATCH = 16
+
+
+def conv_net() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SELU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.SELU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+
+
+def mlp(depth: int = 8, width: int = 64) -> nn.Sequential:
+    layers, d = [], 12
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.SELU()]
+        d = width
+    return nn.Sequential(*layers, nn.Linear(width, 5))
+
+
+class Tiny(L.LightningModule):
+    def __init__(self, net: nn.Module, lr: float) -> None:
+        super().__init__()
+        self.net, self.lr = net, lr
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x).float(), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def batches(shape: tuple[int, ...], n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(BATCH, *shape, generator=g), torch.randint(0, 5, (BATCH,), generator=g))
+            for _ in range(n)]
+
+
+def loader(data: list) -> DataLoader:
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
+
+
+def trainer(tmp_path: Path, callbacks: list, max_steps: int, logger=False, **kw) -> L.Trainer:
+    return L.Trainer(max_steps=max_steps, logger=logger, callbacks=callbacks,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                     default_root_dir=tmp_path, accelerator="cpu", devices=1, **kw)
+
+
+def direct(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """E[h²], mean(h) and ‖∂L/∂W‖_F per conv/linear layer, computed without any hook."""
+    outs, h = [], x
+    for m in net:
+        h = m(h)
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            outs.append(h)
+    weights = [m.weight for m in net if isinstance(m, (nn.Conv2d, nn.Linear))]
+    grads = torch.autograd.grad(F.cross_entropy(h, y), weights)
+    return np.array([[float((o ** 2).mean()), float(o.mean()), float(g.norm())]
+                     for o, g in zip(outs, grads)])
+
+
+def hook_count(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in module.modules())
+
+
+# ---- values -----------------------------------------------------------------------------------
+
+def test_values_equal_a_direct_computation(tmp_path):
+    torch.manual_seed(0)
+    data = batches((3, 6, 6), 5)
+    module = Tiny(conv_net(), lr=0.0)  # weights stay put, so every record can be recomputed
+    mon = NormalizationMonitor(every_n_steps=2)
+    trainer(tmp_path, [mon], max_steps=5).fit(module, loader(data))
+    assert mon.names == ["0", "2", "5"]  # the shared "net." prefix is dropped
+    assert [step for step, _ in mon.history] == [0, 2, 4]
+    for step, stats in mon.history:
+        np.testing.assert_allclose(stats, direct(module.net, *data[step]), rtol=1e-5, atol=1e-7)
+
+
+def test_gradients_are_read_after_amp_unscaling(tmp_path):
+    torch.manual_seed(0)
+    data = batches((12,), 2)
+    module = Tiny(mlp(depth=2), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    mon = NormalizationMonitor(every_n_steps=1)
+    trainer(tmp_path, [mon], max_steps=2,
+            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(module, loader(data))
+    for step, stats in mon.history:
+        expected = direct(module.net, *data[step])[:, 2]
+        np.testing.assert_allclose(stats[:, 2], expected, rtol=2e-2)  # fp16 forward, not ×1024
+
+
+def test_layer_patterns_select_a_subset_by_short_or_full_name():
+    net = Tiny(conv_net(), lr=0.0)
+    assert [n for n, _ in select_layers(net, ["2", "net.5"])] == ["2", "5"]
+    assert [n for n, _ in select_layers(net, "*")] == ["0", "2", "5"]
+    with pytest.raises(UserError, match="match no conv/linear layer"):
+        select_layers(net, "features.*")
+    with pytest.raises(UserError, match="no conv or linear layer"):
+        select_layers(nn.Sequential(nn.ReLU()))
+
+
+@pytest.mark.parametrize("kw", [{"every_n_steps": 0}, {"figure_every_n_logs": -1},
+                                {"window": 0}, {"max_h2": 0.0}, {"max_loss": -1.0}])
+def test_bad_settings_are_user_errors(kw):
+    with pytest.raises(UserError, match=next(iter(kw))):
+        NormalizationMonitor(**kw)
+
+
+def test_a_layer_that_did_not_run_has_no_forward_statistics_and_trips_nothing(tmp_path):
+    class Skips(Tiny):
+        def __init__(self):
+            super().__init__(mlp(depth=2), lr=0.01)
+            self.unused = nn.Linear(3, 3)
+
+    data = batches((12,), 2)
+    mon = NormalizationMonitor(every_n_steps=1)
+    trainer(tmp_path, [mon], max_steps=2).fit(Skips(), loader(data))
+    stats = mon.history[-1][1]
+    assert mon.names[-1] == "unused"
+    assert np.isnan(stats[-1, :2]).all() and stats[-1, 2] == 0.0  # no output, no gradient
+    assert np.isfinite(stats[:-1]).all()
+
+
+# ---- cost: hooks only on logging steps, nothing accumulates ----------------------------------
+
+class Probe(L.Callback):
+    """Hook counts during each forward and after each batch; live objects at two points."""
+
+    def __init__(self, at: tuple[int, int]):
+        self.at, self.during, self.after, self.objects, self.tensors = at, [], [], [], []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.during.append(hook_count(pl_module))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after.append(hook_count(pl_module))
+        if trainer.global_step in self.at:
+            gc.collect()
+            live = gc.get_objects()
+            self.objects.append(len(live))
+            self.tensors.append(sum(type(o) in (torch.Tensor, nn.Parameter) for o in live))
+
+
+def test_hooks_exist_only_during_logging_steps_and_nothing_grows_over_100_steps(tmp_path):
+    torch.manual_seed(0)
+    module = Tiny(conv_net(), lr=0.01)
+    mon = NormalizationMonitor(every_n_steps=5, figure_every_n_logs=4)
+    probe = Probe(at=(20, 100))
+    trainer(tmp_path, [mon, probe], max_steps=100).fit(module, loader(batches((3, 6, 6), 100)))
+    assert probe.after == [0] * 100
+    assert probe.during == [3 if step % 5 == 0 else 0 for step in range(100)]
+    assert len(mon.history) == 4 and mon.history[-1][0] == 95  # a bounded window
+    assert probe.tensors[1] == probe.tensors[0]  # no tensor kept per step
+    assert probe.objects[1] - probe.objects[0] < 200, probe.objects  # nor Python objects
+
+
+# ---- logging ----------------------------------------------------------------------------------
+
+def test_tensorboard_holds_every_layers_scalars_the_figure_and_histograms(tmp_path):
+    torch.manual_seed(0)
+    module = Tiny(conv_net(), lr=0.01)
+    mon = NormalizationMonitor(every_n_steps=1, figure_every_n_logs=3)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer(tmp_path, [mon], max_steps=7, logger=logger).fit(module, loader(batches((3, 6, 6), 7)))
+
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"),
+                              size_guidance={"images": 0, "scalars": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    expected = {mon.tag(kind, i) for i in range(3) for kind in KINDS}
+    assert expected == {t for t in tags["scalars"] if t.startswith("norm/")}
+    assert expected == {"norm/h2/00_0", "norm/mean/00_0", "norm/grad_w/00_0",
+                        "norm/h2/01_2", "norm/mean/01_2", "norm/grad_w/01_2",
+                        "norm/h2/02_5", "norm/mean/02_5", "norm/grad_w/02_5"}
+    for tag in expected:
+        assert [e.step for e in events.Scalars(tag)] == list(range(7))
+    # every 3rd record and once at the end: steps 2, 5 and 6
+    images = events.Images("norm/figure4")
+    assert [im.step for im in images] == [2, 5, 6]
+    assert images[0].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+    assert images[0].width > 300 and images[0].height > 300
+    assert {"norm/h2_over_depth", "norm/grad_w_over_depth"} <= set(tags["histograms"])
+    assert "norm/layers/text_summary" in tags["tensors"]
+
+
+def test_scalar_values_in_tensorboard_are_the_records(tmp_path):
+    torch.manual_seed(0)
+    module = Tiny(mlp(depth=2), lr=0.01)
+    mon = NormalizationMonitor(every_n_steps=2, figure_every_n_logs=100, window=100)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer(tmp_path, [mon], max_steps=6, logger=logger).fit(module, loader(batches((12,), 6)))
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"scalars": 0})
+    events.Reload()
+    for i in range(len(mon.names)):
+        for k, kind in enumerate(KINDS):
+            logged = [(e.step, e.value) for e in events.Scalars(mon.tag(kind, i))]
+            assert logged == [(step, pytest.approx(float(st[i, k]), rel=1e-6))
+                              for step, st in mon.history]
+
+
+def test_other_loggers_get_the_scalars_and_no_images(tmp_path):
+    torch.manual_seed(0)
+    mon = NormalizationMonitor(every_n_steps=1, figure_every_n_logs=1)
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    trainer(tmp_path, [mon], max_steps=3, logger=logger).fit(Tiny(mlp(depth=2), lr=0.01),
+                                                             loader(batches((12,), 3)))
+    header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert {mon.tag(kind, i) for i in range(3) for kind in KINDS} <= set(header.split(","))
+
+
+# ---- the explosion guard ----------------------------------------------------------------------
+
+def files(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def last_good_checkpoint(tmp_path: Path) -> Path:
+    """A short healthy run that leaves last.ckpt (and a step checkpoint) in tmp_path/ckpt."""
+    torch.manual_seed(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    trainer(tmp_path, [NormalizationMonitor(every_n_steps=1), ckpt], max_steps=2).fit(
+        Tiny(mlp(), lr=0.01), loader(batches((12,), 2)))
+    return tmp_path / "ckpt"
+
+
+@pytest.mark.parametrize("every_n_steps", [1, 50], ids=["statistics", "loss"])
+def test_a_planted_divergent_run_stops_in_its_first_steps(tmp_path, every_n_steps):
+    folder = last_good_checkpoint(tmp_path)
+    before = files(folder)
+    assert "last.ckpt" in before
+
+    torch.manual_seed(0)
+    mon = NormalizationMonitor(every_n_steps=every_n_steps)
+    # the same checkpoint folder; ModelCheckpoint itself would not save within 1000 steps
+    ckpt = ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=1000)
+    run, module = trainer(tmp_path, [mon, ckpt], max_steps=50), Tiny(mlp(), lr=100.0)
+    with pytest.raises(TrainingDiverged) as err:
+        run.fit(module, loader(batches((12,), 50, seed=1)))
+
+    message = str(err.value)
+    assert "\n" not in message
+    found = re.match(r"training diverged at step (\d+): (.*); diagnostic checkpoint (\S+) ",
+                     message)
+    assert found, message
+    step, what, path = int(found[1]), found[2], Path(found[3])
+    assert 1 <= step <= 5 and run.global_step <= 6
+    if every_n_steps == 1:  # per-layer statistics: the first layer in depth order is named
+        assert re.match(r"layer \d+ \(\d+\) (E\[h²\]|‖∂L/∂W‖_F) = ", what), what
+    else:                   # only the loss is checked between logging steps
+        assert what.startswith("loss = "), what
+    assert path == folder / f"diverged-step{step}.ckpt"
+    after = files(folder)
+    assert set(after) == set(before) | {path.name}
+    assert all(after[name] == before[name] for name in before)  # bytes and mtime untouched
+    saved = torch.load(path, weights_only=False)
+    assert saved["global_step"] == run.global_step
+    torch.testing.assert_close(saved["state_dict"], module.state_dict(), rtol=0, atol=0,
+                               equal_nan=True)  # the weights that blew up, for a post-mortem
+
+    # a second divergence in the same folder writes a new file and keeps the first
+    torch.manual_seed(0)
+    with pytest.raises(TrainingDiverged, match=r"-v1\.ckpt"):
+        trainer(tmp_path, [NormalizationMonitor(every_n_steps=every_n_steps),
+                           ModelCheckpoint(dirpath=folder, every_n_train_steps=1000)],
+                max_steps=50).fit(Tiny(mlp(), lr=100.0), loader(batches((12,), 50, seed=1)))
+    assert files(folder)[path.name] == after[path.name]
+
+
+def test_without_the_guard_the_same_run_goes_on(tmp_path):
+    torch.manual_seed(0)
+    mon = NormalizationMonitor(every_n_steps=1, guard=False)
+    run = trainer(tmp_path, [mon], max_steps=8)
+    run.fit(Tiny(mlp(), lr=100.0), loader(batches((12,), 8, seed=1)))
+    assert run.global_step == 8
+    assert not np.isfinite(mon.history[-1][1]).all() or mon.history[-1][1][:, 0].max() > 1e6
+
+
+def test_the_first_layer_in_depth_order_beyond_the_bound_is_named(tmp_path):
+    torch.manual_seed(0)
+    net = mlp(depth=4)
+    with torch.no_grad():
+        net[4].weight.mul_(100.0)  # layer 2 blows up; every layer after it inherits the blow-up
+    mon = NormalizationMonitor(every_n_steps=1, max_h2=100.0)
+    with pytest.raises(TrainingDiverged, match=r"at step 0: layer 2 \(4\) E\[h²\] = [\d.e+]+ > 100;"):
+        trainer(tmp_path, [mon], max_steps=3).fit(Tiny(net, lr=0.0), loader(batches((12,), 3)))
+    assert list(tmp_path.glob("checkpoints/diverged-step0.ckpt"))
+
+
+def test_the_loss_bound_trips_without_a_logging_step(tmp_path):
+    torch.manual_seed(0)
+    mon = NormalizationMonitor(every_n_steps=1000, max_loss=1e-3)
+    with pytest.raises(TrainingDiverged, match=r"at step 0: loss = [\d.]+ \(bound 0.001\)"):
+        trainer(tmp_path, [mon], max_steps=3).fit(Tiny(mlp(depth=2), lr=0.0),
+                                                  loader(batches((12,), 3)))
+
+
+# ---- through the app: exit code 3 ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_app_fit_exits_3_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                          capsys):
+    from app.main import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SELFNORM_DATA_DIR", str(tmp_path / "data"))
+    ckpt = tmp_path / "ckpt"
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "callbacks": [
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"dirpath": str(ckpt), "save_last": True,
+                                       "every_n_train_steps": 1000}},
+                        {"class_path": "models.monitor.NormalizationMonitor",
+                         "init_args": {"every_n_steps": 50}}]},
+        "model": {"class_path": "models.module.ImageClassifier",
+                  "init_args": {"model": "serial_cnn", "act": "sselu", "eps": 0.06,
+                                "model_kwargs": {"depth": 8}, "lr": 0.01}},
+        "data": {"class_path": "data.datamodule.FFCVImageDataModule",
+                 "init_args": {"source": "digits", "batch_size": 32, "num_workers": 1}},
+    }
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(cfg), "--trainer.max_steps=2",
+                 "--trainer.default_root_dir=good"]) == 0
+    before = files(ckpt)
+    assert "last.ckpt" in before
+    capsys.readouterr()
+
+    code = main(["fit", "--config", str(cfg), "--trainer.max_steps=40",
+                 "--trainer.default_root_dir=bad", "--model.init_args.lr=100"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3
+    assert re.fullmatch(r"error: training diverged at step [1-5]: .*diverged-step\d\.ckpt.*",
+                        err[-1]), err[-1]
+    after = files(ckpt)
+    assert all(after[name] == before[name] for name in before)
+    assert [n for n in after if n.startswith("diverged-step")]
