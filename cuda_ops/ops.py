@@ -43,3 +43,14 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
 
 
 torch.library.register_autograd("selfnorm::selu_family", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+    raise RuntimeError("cuda_ops.selu_family has no double backward; use the Python reference "
+                       "models.functional.selu_family where second derivatives are needed")
+
+
+# Registered so that create_graph=True fails loudly instead of silently dropping the second-order
+# terms (without a formula, autograd would treat the backward ops as constants).
+for _name in ("selu_family_backward", "selu_family_backward_lam"):
+    torch.library.register_autograd(f"selfnorm::{_name}", _no_double_backward)

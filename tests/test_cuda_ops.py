@@ -259,6 +259,14 @@ def test_lambda_gradient_is_deterministic_across_thread_counts(dtype):
         assert torch.equal(gx, results[0][0]) and torch.equal(glam, results[0][1])
 
 
+def test_double_backward_fails_loudly():
+    x = torch.randn(5, requires_grad=True)
+    lam = torch.tensor(1.05, requires_grad=True)
+    (g,) = torch.autograd.grad(cuda_ops.selu_family(x, lam, 1.6).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        g.sum().backward()
+
+
 def test_rejects_bad_inputs():
     x = torch.randn(4)
     with pytest.raises(RuntimeError, match="one-element"):
