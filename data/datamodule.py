@@ -210,12 +210,17 @@ class FFCVImageDataModule(LightningDataModule):
     # -- Lightning hooks -------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        for split, path in (("train", self.train_path), ("val", self.val_path)):
-            if path.is_file():
-                continue
-            if not self.source:
-                raise UserError(f"{split} .beton {str(path)!r} does not exist and no source is "
-                                f"set; prepare it with `python -m app prepare` or set data.source")
+        missing = [(s, p) for s, p in (("train", self.train_path), ("val", self.val_path))
+                   if not p.is_file()]
+        if missing and not self.source:
+            split, path = missing[0]
+            raise UserError(f"{split} .beton {str(path)!r} does not exist and no source is set; "
+                            f"prepare it with `python -m app prepare` or set data.source")
+        if missing and get_source(self.source).splits_coincide(Path(self.root or ".").expanduser()):
+            raise UserError(f"root {self.root!r} has no train/ and val/ sub-folders, so val "
+                            f"would repeat train; arrange root/train and root/val, or give "
+                            f"data.val_path")
+        for split, path in missing:
             prepare(self.source, split, path, self.root, options=self.write,
                     source_options=self.source_options,
                     subset=self.subset if split == "train" else None, seed=self.seed,
@@ -286,15 +291,20 @@ class FFCVImageDataModule(LightningDataModule):
 
     def _loader(self, split: str) -> FFCVLoader:
         if split not in self._loaders:
-            self._loaders[split] = self._build(split)
+            self._loaders[split] = self.build_loader(split, device=self._device(),
+                                                     dtype=self._dtype(),
+                                                     distributed=self._is_distributed())
         return self._loaders[split]
 
-    def _build(self, split: str) -> FFCVLoader:
+    def build_loader(self, split: str, device: torch.device | None = None,
+                     dtype: torch.dtype = torch.float32, distributed: bool = False) -> FFCVLoader:
+        """A fresh loader for ``split`` ('train' or 'val'); the ``*_dataloader`` hooks call this
+        with the trainer's device, precision and world size; benchmarks call it directly."""
         from ffcv.loader import Loader, OrderOption
 
         if self.mean is None or self.std is None:
             self.setup("fit" if split == "train" else "validate")
-        device, dtype, distributed = self._device(), self._dtype(), self._is_distributed()
+        device = device or torch.device("cpu")
         train = split == "train"
         path = self.train_path if train else self.val_path
         if train:

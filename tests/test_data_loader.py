@@ -219,3 +219,22 @@ def test_digits_train_under_lightning(data_dir):
     assert dm.transfer_batch_to_device(model.batches[0], torch.device("cpu"), 0) is model.batches[0]
     acc = t.validate(model, dm, verbose=False)[0]["val_acc"]
     assert acc > 0.75  # chance is 0.1; a linear model reaches ~0.85-0.9
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batches_are_normalised_on_the_device(betons):
+    dm = module(betons, augment="pad_crop")
+    dm.setup("fit")
+    cpu = torch.cat([x for x, _ in dm.build_loader("val")])
+    gpu_loader = dm.build_loader("val", device=torch.device("cuda"), dtype=torch.float16)
+    batches = list(gpu_loader)  # every batch held at once: none may be overwritten
+    x = torch.cat([b for b, _ in batches])
+    y = torch.cat([b for _, b in batches])
+    assert x.device.type == "cuda" and x.dtype == torch.float16 and y.device.type == "cuda"
+    assert batches[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert y.tolist() == list(range(N))
+    torch.testing.assert_close(x.float().cpu(), cpu, atol=2e-2, rtol=1e-2)
+    train = dm.build_loader("train", device=torch.device("cuda"))
+    assert sorted(int(v) for _, b in train for v in b) == list(range(N))
+    assert dm.transfer_batch_to_device(batches[0], torch.device("cuda", 0), 0) is batches[0]

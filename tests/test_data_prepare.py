@@ -9,6 +9,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -386,3 +387,18 @@ def test_terminated_prepare_cleans_up(tmp_path, spawn):
     assert proc.wait(timeout=60) == 130
     assert "was not written" in proc.stderr.read().decode()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_folder_splits_must_differ(folder, tmp_path, monkeypatch):
+    from data.datamodule import FFCVImageDataModule
+
+    root, _ = folder
+    monkeypatch.setenv("SELFNORM_DATA_DIR", str(tmp_path / "cache"))
+    shutil.rmtree(root / "val")
+    with pytest.raises(UserError, match="train/ but no val/"):
+        prepare("imagefolder", "val", tmp_path / "v.beton", str(root))
+    flat = FFCVImageDataModule(source="imagefolder", root=str(root / "train"))
+    assert flat.num_classes == 3
+    with pytest.raises(UserError, match="val would repeat train"):
+        flat.prepare_data()
+    assert not (tmp_path / "cache").exists()

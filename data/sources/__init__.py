@@ -67,6 +67,12 @@ class ImageSource(ABC):
     def default_resolution(cls, **options: Any) -> int:
         return cls.resolution
 
+    @classmethod
+    def splits_coincide(cls, root: Path | None) -> bool:
+        """True when 'train' and 'val' would read the very same files (a folder without
+        split sub-folders): fine for one ``prepare`` call, wrong for a train/val pair."""
+        return False
+
 
 def register_source(name: str) -> Callable[[S], S]:
     def wrap(cls: S) -> S:

@@ -56,9 +56,16 @@ class ImageFolder(FileSource):
                             f"imagefolder expects root/<class>/<image> (or root/train/<class>/...)")
         return len(classes)
 
+    @classmethod
+    def splits_coincide(cls, root: Path | None) -> bool:
+        return cls.split_folder(root, "train") == cls.split_folder(root, "val")
+
     def __init__(self, root: Path, split: str):
         folder = self.split_folder(root, split)
         reference = self.split_folder(root, "train")
+        if split != "train" and folder == root and reference != root:
+            raise UserError(f"{str(root)!r} has a train/ but no {split}/ sub-folder; arrange "
+                            f"the {split} images as {str(root / split)}/<class>/<image>")
         self.folder = folder
         self.class_names = _class_dirs(reference)
         if not self.class_names:
