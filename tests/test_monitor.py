@@ -48,7 +48,7 @@ class Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def batches(shape: tuple[int, ...], n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(shape: tuple[int, ...], n: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(BATCH, *shape, generator=g), torch.randint(0, 5, (BATCH,), generator=g))
             for _ in range(n)]
@@ -303,7 +303,8 @@ def test_the_first_layer_in_depth_order_beyond_the_bound_is_named(tmp_path):
     with torch.no_grad():
         net[4].weight.mul_(100.0)  # layer 2 blows up; every layer after it inherits the blow-up
     mon = NormalizationMonitor(every_n_steps=1, max_h2=100.0)
-    with pytest.raises(TrainingDiverged, match=r"at step 0: layer 2 \(4\) E\[h²\] = [\d.e+]+ > 100;"):
+    blew_up = r"at step 0: layer 2 \(4\) E\[h²\] = [\d.e+]+ > 100;"
+    with pytest.raises(TrainingDiverged, match=blew_up):
         trainer(tmp_path, [mon], max_steps=3).fit(Tiny(net, lr=0.0), loader(batches((12,), 3)))
     assert list(tmp_path.glob("checkpoints/diverged-step0.ckpt"))
 
