@@ -92,6 +92,8 @@ def _cli_class():
         def before_instantiate_classes(self) -> None:
             cfg = self.config.get(self.subcommand) if self.subcommand else self.config
             _link_data_to_model(cfg)
+            if cfg.get("ckpt_path") == "last":
+                cfg["ckpt_path"] = str(find_last_checkpoint(cfg))
 
     return SelfnormCLI
 
@@ -118,6 +120,25 @@ def _link_data_to_model(cfg: Any) -> None:
                             f"model.init_args.{name} (it is taken from the data) or fix the data")
         init_args[name] = have
     model_cfg["init_args"] = init_args
+
+
+def find_last_checkpoint(cfg: Any) -> Path:
+    """The newest ``last.ckpt`` under the run's log root, for ``--ckpt_path last``.
+
+    Lightning looks for "last" only in the new run's own (empty) version folder; resuming means
+    the previous run's. The resumed run logs to a new version folder: nothing is overwritten.
+    """
+    trainer = cfg.get("trainer") or {}
+    logger = trainer.get("logger")
+    root = None
+    if logger is not None and hasattr(logger, "get") and logger.get("init_args"):
+        root = logger["init_args"].get("save_dir")
+    root = Path(root or trainer.get("default_root_dir") or ".").expanduser()
+    found = sorted(root.glob("**/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(f"--ckpt_path last: no last.ckpt under {root.resolve()}; pass the "
+                        f"checkpoint's path instead")
+    return found[-1]
 
 
 def _import(class_path: str) -> type:
