@@ -2,7 +2,8 @@
 
 Used from LightningCLI configs as ``class_path: data.FFCVImageDataModule``. The recipe follows
 ffcv-imagenet: RandomResizedCrop decoder + flip for train, CenterCrop (ratio 224/256) for val,
-uint8 → device (non_blocking) → channels_last → normalised on the device in the training dtype.
+uint8 → device (non_blocking) → channels_last → normalised on the GPU in the training dtype (on
+the CPU, normalised in ffcv's compiled threads before ToTensor; see ``data.pipelines``).
 ``num_classes`` and ``image_size`` are known right after ``__init__`` so the app can link them to
 the model, even before the .beton files exist.
 """
@@ -328,7 +329,8 @@ class FFCVImageDataModule(LightningDataModule):
             drop_last=self.drop_last if train else False,
             batches_ahead=self.batches_ahead,
             pipelines={
-                "image": pipelines.image_pipeline(steps, device, self.channels_last),
+                "image": pipelines.image_pipeline(steps, device, self.channels_last, self.mean,
+                                                  self.std, dtype),
                 "label": pipelines.label_pipeline(device),
             },
         )
@@ -341,8 +343,9 @@ class FFCVImageDataModule(LightningDataModule):
             def before(e: int) -> None:
                 side = self.train_resolution(e)
                 decoder.output_size = (side, side)
-        return FFCVLoader(loader, device=device, mean=self.mean, std=self.std, dtype=dtype,
-                          epoch=epoch, before_epoch=before)
+        stats = {} if pipelines.normalized_on_host(device) else {"mean": self.mean, "std": self.std}
+        return FFCVLoader(loader, device=device, dtype=dtype, epoch=epoch, before_epoch=before,
+                          **stats)
 
     def _check_fixed_size(self, path: Path, side: int) -> None:
         from data.sidecar import beton_image_sizes

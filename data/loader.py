@@ -9,8 +9,8 @@
 * A new Loader starts at epoch 0, so a resumed run would replay epoch 0's order: the order is
   taken from ``epoch()`` (the trainer's current epoch), each epoch a fresh seeded shuffle.
 * Batches live in buffers that ffcv reuses ``batches_ahead + 2`` batches later, while Lightning
-  holds one batch back to detect the last one; normalising here (a new tensor, in the training
-  dtype, on the target device) and cloning the labels hands the trainer batches it owns.
+  holds one batch back to detect the last one; each batch is handed out as new tensors (the
+  normalisation on the GPU, a copy into the training dtype on the CPU), so the trainer owns it.
 * ffcv's ``Compiler.set_num_threads`` also calls ``torch.set_num_threads(num_workers)``, from its
   producer thread too, which silently caps torch's pool for the training step (matmuls 2×
   slower measured with ``num_workers=1`` on 2 cores); only its numba part is kept.
@@ -73,20 +73,24 @@ class FFCVLoader:
     """Iterable of ``(images, labels)``: images normalised ``(x/255 − mean)/std`` in ``dtype``
     on ``device`` (channels_last as the pipeline made them), labels int64 on ``device``.
 
+    With ``mean``/``std`` the pipeline delivers uint8 images that are normalised here (on the
+    GPU); without, it already normalised them (on the CPU) and they are only copied out.
     ``epoch()`` gives the epoch whose order the next iteration uses (default: count the
     iterations, as ffcv does); ``before_epoch(epoch)`` runs first (progressive resizing).
     """
 
-    def __init__(self, loader, *, device: torch.device, mean: Sequence[float],
-                 std: Sequence[float], dtype: torch.dtype = torch.float32,
+    def __init__(self, loader, *, device: torch.device, dtype: torch.dtype = torch.float32,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  epoch: Callable[[], int] | None = None,
                  before_epoch: Callable[[int], None] | None = None):
         self.loader = loader
         self.device = device
         self.dtype = dtype
-        shape = (1, len(mean), 1, 1)
-        self._shift = torch.tensor([255.0 * m for m in mean], device=device).view(shape).to(dtype)
-        self._scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(shape).to(dtype)
+        self._shift = self._scale = None
+        if mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            self._shift = torch.tensor([255.0 * m for m in mean], device=device).view(shape).to(dtype)
+            self._scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(shape).to(dtype)
         self._count = 0
         self._epoch = epoch or (lambda: self._count)
         self._before_epoch = before_epoch
@@ -118,6 +122,9 @@ class FFCVLoader:
             self._stop(it)
 
     def normalize(self, images: Tensor) -> Tensor:
+        """A new tensor the caller owns (ffcv reuses the one it returned)."""
+        if self._shift is None:
+            return images.to(self.dtype, copy=True)
         return images.to(self.dtype).sub_(self._shift).mul_(self._scale)
 
     def _stop(self, it) -> None:

@@ -1,15 +1,21 @@
 """FFCV pipelines, written out literally as in ffcv-imagenet: decode → augment → tensor → device.
 
 A recipe names the decode and augmentation steps for the train and val splits; the rest of the
-pipeline (ToTensor, ToDevice, ToTorchImage) is shared. Normalisation is not an FFCV step: it
-runs in torch on the target device, in the training dtype (``data.loader``), which avoids
-ffcv's CPU hang (ffcv #396) and its cupy import for GPU normalisation.
+pipeline is shared and depends on the device:
+
+* CUDA: ToTensor → ToDevice (non_blocking) → ToTorchImage (channels_last); the uint8 batch is
+  normalised in torch on the GPU, in the training dtype (``data.loader``), which also avoids
+  ffcv's cupy import for GPU normalisation.
+* CPU: NormalizeImage *before* ToTensor, in ffcv's compiled producer threads, overlapping the
+  training step (1.3-1.9× the images/s of normalising in torch afterwards, measured on 2
+  cores); after ToTorchImage it would hang the Loader's constructor (ffcv #396).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from app.errors import UserError
@@ -79,18 +85,27 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def image_pipeline(steps: list, device: torch.device, channels_last: bool) -> list:
-    """``steps`` (decoder + augmentations) followed by the move to a (B, C, H, W) uint8 tensor.
+# numpy has no bfloat16: a bf16 batch is normalised in float32 and cast while it is copied out.
+HOST_DTYPES = {torch.float16: np.float16, torch.float64: np.float64}
 
-    On CUDA the uint8 batch is copied asynchronously (``non_blocking``) from pinned memory;
-    ``ToDevice`` needs a ``torch.device``, not a string.
-    """
-    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-    tail = [ToTensor()]
-    if device.type != "cpu":
-        tail.append(ToDevice(device, non_blocking=True))
-    return [*steps, *tail, ToTorchImage(channels_last=channels_last)]
+def normalized_on_host(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
+def image_pipeline(steps: list, device: torch.device, channels_last: bool,
+                   mean: Sequence[float], std: Sequence[float], dtype: torch.dtype) -> list:
+    """``steps`` (decoder + augmentations) followed by the move to a (B, C, H, W) tensor:
+    uint8 on CUDA (copied with ``non_blocking`` from pinned memory; ``ToDevice`` needs a
+    ``torch.device``, not a string), normalised ``dtype`` on the CPU."""
+    from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
+
+    if normalized_on_host(device):
+        host = HOST_DTYPES.get(dtype, np.float32)
+        norm = NormalizeImage(255.0 * np.asarray(mean), 255.0 * np.asarray(std), host)
+        return [*steps, norm, ToTensor(), ToTorchImage(channels_last=channels_last)]
+    return [*steps, ToTensor(), ToDevice(device, non_blocking=True),
+            ToTorchImage(channels_last=channels_last)]
 
 
 def label_pipeline(device: torch.device) -> list:
@@ -99,7 +114,7 @@ def label_pipeline(device: torch.device) -> list:
 
     # Squeeze(1), not Squeeze(): a last batch of one sample must keep its batch dimension.
     steps = [IntDecoder(), ToTensor(), Squeeze(1)]
-    if device.type != "cpu":
+    if not normalized_on_host(device):
         steps.append(ToDevice(device, non_blocking=True))
     return steps
 

@@ -72,6 +72,16 @@ def test_val_batches_are_the_stored_pixels_normalised(betons):
     assert seen == N  # the last, partial val batch is kept
 
 
+def test_training_dtypes_on_the_cpu(betons):
+    dm = module(betons, augment="pad_crop")
+    dm.setup("validate")
+    ref = torch.cat([x for x, _ in dm.build_loader("val")]).double()
+    for dtype, tol in ((torch.float16, 4e-3), (torch.bfloat16, 3e-2), (torch.float64, 1e-6)):
+        got = torch.cat([x for x, _ in dm.build_loader("val", dtype=dtype)])
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), ref, atol=tol * 8, rtol=tol)
+
+
 def test_default_statistics_standardise_inputs(betons):
     dm = module(betons, augment="pad_crop")
     dm.setup("fit")
