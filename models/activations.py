@@ -46,7 +46,7 @@ _PARAMS = ("lam", "alpha", "beta", "kappa")
 
 
 class SeluFamilyAct(nn.Module):
-    """f(x) = λx (x > 0), λ(α e^{βx} + κx − α) (x ≤ 0) through the compiled ``selu_family`` op.
+    """f(x) = λx (x > 0), λ(α e^{βx} + κx − α) (x ≤ 0) by the compiled ``selu_family`` op.
 
     ``trainable_lambda`` makes λ an ``nn.Parameter`` (initialised from the solution, saved in
     the state dict); α, β, κ stay constants so the kernel takes them as scalars.

@@ -22,8 +22,8 @@ class FcSNN(nn.Module):
     """depth − 1 hidden fully-connected layers and a linear classifier."""
 
     def __init__(self, num_classes: int, act_layer: Callable[[], nn.Module], norm: Norm,
-                 weight_centralization: bool = False, in_features: int | None = None, depth: int = 64,
-                 width: int = 256, drop_rate: float = 0.0) -> None:
+                 weight_centralization: bool = False, in_features: int | None = None,
+                 depth: int = 64, width: int = 256, drop_rate: float = 0.0) -> None:
         super().__init__()
         if not (isinstance(in_features, int) and in_features >= 1):
             raise UserError(f"fc_snn needs in_features, the number of input columns (a positive "
@@ -62,8 +62,8 @@ class FcSNN(nn.Module):
 
 @register_model
 def fc_snn(*, num_classes: int, act_layer: Callable[[], nn.Module], norm: Norm,
-           weight_centralization: bool = False, in_features: int | None = None, depth: int = 64,
-           width: int = 256, drop_rate: float = 0.0) -> FcSNN:
+           weight_centralization: bool = False, in_features: int | None = None,
+           depth: int = 64, width: int = 256, drop_rate: float = 0.0) -> FcSNN:
     """Appendix E's 64-layer fully-connected SNN for tabular data."""
     return FcSNN(num_classes, act_layer, norm, weight_centralization, in_features=in_features,
                  depth=depth, width=width, drop_rate=drop_rate)

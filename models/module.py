@@ -1,0 +1,295 @@
+"""LightningModules: ``ImageClassifier`` and ``TabularClassifier`` over one shared base.
+
+The model comes from ``models.create_model``; the optimizer is SGD with the paper's recipe
+(no weight decay on λ, biases and norm scales unless ``decay_all``), the schedule is the
+paper's step decay (``multistep``: epochs in ``milestones``, times ``gamma``) or ``cosine``
+over the whole run, both with optional linear warmup, stepped every optimizer step.
+
+Batches are ``(inputs, labels, ...)`` from FFCV or a torch DataLoader, already on the device.
+Labels are class indices, or probability rows (soft targets) when a batch mixer (the
+``models.mixup.Mixup`` callback) is active; the loss is cross-entropy against either, and
+training accuracy is measured against the argmax of the mixed targets. Gradient clipping by
+value (the paper's [−2, 2]) and precision (``bf16-mixed``) are Trainer settings.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from app.errors import UserError
+from models.registry import create_model
+
+# (inputs, labels, num_classes) -> (inputs, soft targets); set by models.mixup.Mixup.
+BatchMixer = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class LrFactor:
+    """LR multiplier at optimizer step ``step``: linear warmup, then multistep or cosine.
+
+    A plain object rather than a lambda so ``LambdaLR`` checkpoints its settings.
+    """
+
+    schedule: str
+    steps_per_epoch: float
+    total_steps: float
+    milestones: tuple[int, ...]
+    gamma: float
+    warmup_steps: int
+    min_lr_ratio: float
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "multistep":
+            epoch = step / self.steps_per_epoch
+            return self.gamma ** sum(epoch >= m for m in self.milestones)
+        span = max(1.0, self.total_steps - self.warmup_steps)
+        t = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+SCHEDULES = ("multistep", "cosine")
+
+
+def _accuracy(num_classes: int, prefix: str) -> MetricCollection:
+    # top-5 only where it means something (tabular data is often binary)
+    ks = (1, 5) if num_classes > 5 else (1,)
+    return MetricCollection({f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+                             for k in ks}, prefix=f"{prefix}/")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _with_input_size(model_kwargs: dict[str, Any] | None, key: str, value: int) -> dict:
+    """``model_kwargs`` plus the input size, which has its own argument (the data fills it)."""
+    model_kwargs = dict(model_kwargs or {})
+    _check(key not in model_kwargs, f"give {key} as the model's own argument, not inside "
+           f"model_kwargs (got model_kwargs.{key}={model_kwargs.get(key)!r}).")
+    return {**model_kwargs, key: value}
+
+
+class ClassifierModule(L.LightningModule):
+    """Shared training logic; use ``ImageClassifier`` or ``TabularClassifier``.
+
+    Args:
+        model: architecture name in the ``models`` registry.
+        num_classes: number of classes.
+        act: activation (relu, selu, dselu, sselu, lselu).
+        eps: ε of dselu/sselu/lselu (paper eq. 11); null for relu and selu.
+        central: solve the centralized activation (eq. 13: E[f] = 0 at the fixed point).
+        trainable_lambda: make each activation's λ a parameter.
+        weight_centralization: centralize each unit's weights in forward (section 5).
+        norm: ``none`` (self-normalizing) or ``batchnorm`` (the BN+ReLU baseline).
+        model_kwargs: architecture keywords (``width_mult``, ``in_chans``, ``depth``, ...).
+        lr: peak learning rate (SGD).
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: L2 weight decay on conv/linear weights.
+        decay_all: also decay biases, λ and norm parameters.
+        schedule: ``multistep`` or ``cosine``.
+        milestones: epochs at which ``multistep`` multiplies the LR by ``gamma``.
+        gamma: ``multistep`` decay factor.
+        warmup_epochs: linear LR warmup length in epochs (fractions allowed).
+        min_lr_ratio: ``cosine``'s final LR as a fraction of ``lr``.
+        label_smoothing: cross-entropy label smoothing.
+        channels_last: NHWC memory format for 4-d inputs (faster convs on tensor cores).
+        compile: ``torch.compile`` the network.
+    """
+
+    def __init__(self, model: str, num_classes: int, act: str = "sselu",
+                 eps: float | None = None, central: bool = False,
+                 trainable_lambda: bool = False, weight_centralization: bool = False,
+                 norm: str = "none", model_kwargs: dict[str, Any] | None = None,
+                 lr: float = 0.01, momentum: float = 0.9, nesterov: bool = False,
+                 weight_decay: float = 5e-4, decay_all: bool = False,
+                 schedule: str = "multistep", milestones: tuple[int, ...] = (),
+                 gamma: float = 0.1, warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0,
+                 label_smoothing: float = 0.0, channels_last: bool = False,
+                 compile: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        _check(lr > 0, f"lr must be positive, got {lr!r}.")
+        _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum!r}.")
+        _check(weight_decay >= 0, f"weight_decay must be ≥ 0, got {weight_decay!r}.")
+        _check(schedule in SCHEDULES,
+               f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}.")
+        milestones = list(milestones)
+        _check(all(isinstance(m, int) and m > 0 for m in milestones)
+               and milestones == sorted(set(milestones)),
+               f"milestones must be increasing positive epochs, got {milestones!r}.")
+        _check(gamma > 0, f"gamma must be positive, got {gamma!r}.")
+        _check(warmup_epochs >= 0, f"warmup_epochs must be ≥ 0, got {warmup_epochs!r}.")
+        _check(0 <= min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}.")
+        _check(0 <= label_smoothing < 1,
+               f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+
+        self.num_classes = num_classes
+        self.model = create_model(model, num_classes=num_classes, act=act, eps=eps,
+                                  central=central, trainable_lambda=trainable_lambda,
+                                  weight_centralization=weight_centralization, norm=norm,
+                                  **(model_kwargs or {}))
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model.compile()  # in place: state-dict keys stay those of the eager model
+        self.batch_mixer: BatchMixer | None = None
+        self.train_metrics = _accuracy(num_classes, "train")
+        self.val_metrics = _accuracy(num_classes, "val")
+        self.test_metrics = _accuracy(num_classes, "test")
+
+    # ---- forward and loss -------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.hparams.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    @staticmethod
+    def _labels(y: Tensor) -> Tensor:
+        """Class indices as a 1-d int64 tensor (FFCV yields (B, 1) int32), soft targets as is."""
+        return y if y.is_floating_point() else y.reshape(-1).long()
+
+    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy against class indices or probability rows (soft targets)."""
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.label_smoothing)
+
+    def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> Tensor:
+        x, y = batch[0], self._labels(batch[1])
+        logits = self(x)
+        loss = self.loss(logits, y)
+        metrics.update(logits.detach(), y)
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        self.log_dict(metrics, prog_bar=stage != "train", batch_size=x.shape[0])
+        return loss
+
+    # ---- Lightning hooks --------------------------------------------------------------------
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch[0], self._labels(batch[1])
+        if self.batch_mixer is not None:
+            x, y = self.batch_mixer(x, y, self.num_classes)
+        logits = self(x)
+        loss = self.loss(logits, y)
+        target = y.argmax(dim=1) if y.is_floating_point() else y
+        self.train_metrics.update(logits.detach(), target)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=x.shape[0])
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # the LR this step trains with (the scheduler steps after the optimizer)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
+                 on_epoch=False, batch_size=1)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).softmax(dim=1)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on conv/linear weights only (ndim > 1), unless ``decay_all``."""
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim > 1 or self.hparams.decay_all else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def _steps(self) -> tuple[float, float]:
+        """(optimizer steps per epoch, total optimizer steps) of the attached Trainer."""
+        total = self.trainer.estimated_stepping_batches
+        if self.trainer.train_dataloader is None:  # max_steps-only runs skip this above
+            self.trainer.fit_loop.setup_data()
+        batches = self.trainer.num_training_batches
+        per_epoch = (math.ceil(batches / self.trainer.accumulate_grad_batches)
+                     if math.isfinite(batches) else math.inf)
+        return per_epoch, total
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.SGD(self.param_groups(), lr=hp.lr, momentum=hp.momentum,
+                                    nesterov=hp.nesterov)
+        per_epoch, total = self._steps()
+        if (hp.milestones and hp.schedule == "multistep") or hp.warmup_epochs:
+            _check(math.isfinite(per_epoch), "milestones and warmup_epochs count epochs, but the "
+                   "train loader has no length; give it one or drop them.")
+        if hp.schedule == "cosine":
+            _check(math.isfinite(total), "the cosine schedule needs a finite run; set "
+                   "trainer.max_epochs or trainer.max_steps.")
+        factor = LrFactor(hp.schedule, per_epoch, total, tuple(hp.milestones), hp.gamma,
+                          round(hp.warmup_epochs * per_epoch) if hp.warmup_epochs else 0,
+                          hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+class ImageClassifier(ClassifierModule):
+    """Image classification; defaults are the paper's best ImageNet run (section 6.3).
+
+    Conv MobileNet V1 with centralized sSELU (ε = 0.06) and trainable λ; SGD lr 0.02,
+    momentum 0.9, weight decay 4e-5 (Chen et al. 2020b), decayed 10× at epochs 60 and 75 of 90.
+    Add the ``Mixup`` callback for the paper's "+ Mixup". ``in_chans`` is the number of image
+    channels; see ``ClassifierModule`` for the other arguments.
+    """
+
+    def __init__(self, model: str = "conv_mobilenet_v1", num_classes: int = 1000,
+                 in_chans: int = 3, act: str = "sselu", eps: float | None = 0.06,
+                 central: bool = True, trainable_lambda: bool = True,
+                 weight_centralization: bool = False, norm: str = "none",
+                 model_kwargs: dict[str, Any] | None = None, lr: float = 0.02,
+                 momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 4e-5,
+                 decay_all: bool = False,
+                 schedule: str = "multistep", milestones: tuple[int, ...] = (60, 75),
+                 gamma: float = 0.1, warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0,
+                 label_smoothing: float = 0.0, channels_last: bool = False,
+                 compile: bool = False) -> None:
+        super().__init__(model, num_classes, act, eps, central, trainable_lambda,
+                         weight_centralization, norm,
+                         _with_input_size(model_kwargs, "in_chans", in_chans), lr, momentum,
+                         nesterov, weight_decay, decay_all, schedule, milestones, gamma,
+                         warmup_epochs, min_lr_ratio, label_smoothing, channels_last, compile)
+
+
+class TabularClassifier(ClassifierModule):
+    """Tabular classification with the 64-layer ``fc_snn`` (paper Appendix E).
+
+    ``in_features`` is the number of input columns. Appendix E gives no optimizer settings;
+    the defaults (sSELU ε = 0.017 ≈ 1/64, SGD lr 0.003, cosine, no weight decay) are a starting
+    point: at 64 layers lr 0.01 already stalled or diverged on generated data, clipped or not.
+    See ``ClassifierModule`` for the other arguments.
+    """
+
+    def __init__(self, in_features: int, model: str = "fc_snn", num_classes: int = 2,
+                 act: str = "sselu", eps: float | None = 0.017, central: bool = False,
+                 trainable_lambda: bool = False, weight_centralization: bool = False,
+                 norm: str = "none", model_kwargs: dict[str, Any] | None = None,
+                 lr: float = 0.003, momentum: float = 0.9, nesterov: bool = False,
+                 weight_decay: float = 0.0, decay_all: bool = False,
+                 schedule: str = "cosine", milestones: tuple[int, ...] = (),
+                 gamma: float = 0.1, warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0,
+                 label_smoothing: float = 0.0, compile: bool = False) -> None:
+        super().__init__(model, num_classes, act, eps, central, trainable_lambda,
+                         weight_centralization, norm,
+                         _with_input_size(model_kwargs, "in_features", in_features), lr, momentum,
+                         nesterov, weight_decay, decay_all, schedule, milestones, gamma,
+                         warmup_epochs, min_lr_ratio, label_smoothing, False, compile)
