@@ -20,6 +20,8 @@
 """
 from __future__ import annotations
 
+import sys
+import time
 from multiprocessing import cpu_count
 from queue import Empty
 from typing import Callable, Iterator, Sequence
@@ -54,11 +56,14 @@ def _patch_ffcv() -> None:
 _patch_ffcv()
 
 
-def stop_epoch(it) -> None:
+def stop_epoch(it, timeout: float = 60.0) -> None:
     """Stop an ffcv EpochIterator for good and wait until its threads have ended."""
     it.iter_ixes = iter(())  # the producer takes no further batch after the one in flight
     it.terminate_event.set()
-    while it.is_alive():
+    if sys.is_finalizing():
+        return  # threads no longer run at interpreter exit: waiting would never end
+    deadline = time.monotonic() + timeout
+    while it.is_alive() and time.monotonic() < deadline:
         try:  # make room, so that a producer blocked in put() returns and sees the end
             it.output_queue.get(timeout=0.05)
         except Empty:

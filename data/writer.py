@@ -132,6 +132,7 @@ def _work(worker_id: int, todo, results, done, metadata_sm, metadata_type, field
     names = metadata_type.names
     pixel_sum, pixel_sq, pixels = np.zeros(3), np.zeros(3), 0
     bad: list[tuple[int, str]] = []
+    src = None
     try:
         with allocator:
             while (chunk := todo.get()) is not None:
@@ -153,7 +154,7 @@ def _work(worker_id: int, todo, results, done, metadata_sm, metadata_type, field
                 with done.get_lock():
                     done.value += len(chunk)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which stops the write
-        where = source.describe(src) if "src" in locals() else source.name
+        where = source.describe(src) if src is not None else source.name
         results.put(("error", f"writing {where} failed: {type(err).__name__}: {err}"))
         return
     results.put(("ok", allocator.allocations, bad, (pixel_sum, pixel_sq, pixels)))
@@ -208,7 +209,13 @@ def write_beton(source: ImageSource, out: str | os.PathLike, options: WriteOptio
     order = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
     if len(order) == 0:
         raise UserError(f"source {source.name!r} ({split}) has no samples to write")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the folder of {str(out)!r} ({err.strerror}); choose "
+                        f"a writable --out") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"folder {str(out.parent)!r} is not writable; choose another --out")
     remove_stale_temps(out)
     tmp = temp_path(out)
     fields = options.fields()
@@ -282,8 +289,8 @@ def _collect(procs, results, done, total: int, bar) -> list:
             except Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(f"a prepare worker died (exit code {dead[0].exitcode}), "
-                                       f"probably out of memory; retry with fewer --num-workers")
+                    raise UserError(f"a prepare worker died (exit code {dead[0].exitcode}), "
+                                    f"probably out of memory; retry with fewer --num-workers")
                 bar.update(done.value - bar.n)
                 continue
             if report[0] == "error":

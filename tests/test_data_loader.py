@@ -100,6 +100,19 @@ def test_order_reshuffles_every_epoch_and_resumes(betons):
     assert labels_of(resumed) == epochs[3]
 
 
+def test_process_cache_with_quasi_random_order(betons):
+    """os_cache: false (data larger than RAM) starts page-reader threads per epoch."""
+    loader = module(betons, os_cache=False, order="quasi_random").train_dataloader()
+    base = threading.active_count()
+    epochs = [labels_of(loader) for _ in range(2)]
+    assert all(sorted(o) == list(range(N)) for o in epochs) and epochs[0] != epochs[1]
+    held = iter(loader)
+    next(held)
+    assert threading.active_count() > base
+    loader.close()
+    assert wait_for_threads(base) == base
+
+
 def test_leaving_epochs_early_does_not_leak_threads(betons):
     loader = module(betons, batch_size=8).train_dataloader()
     base = threading.active_count()
