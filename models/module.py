@@ -92,6 +92,7 @@ class ClassifierModule(L.LightningModule):
         trainable_lambda: make each activation's λ a parameter.
         weight_centralization: centralize each unit's weights in forward (section 5).
         norm: ``none`` (self-normalizing) or ``batchnorm`` (the BN+ReLU baseline).
+        lambda_min: the solver's constraint λ ≥ lambda_min (eq. 11; 1.0 in the paper).
         model_kwargs: architecture keywords (``width_mult``, ``in_chans``, ``depth``, ...).
         lr: peak learning rate (SGD).
         momentum: SGD momentum.
@@ -111,7 +112,8 @@ class ClassifierModule(L.LightningModule):
     def __init__(self, model: str, num_classes: int, act: str = "sselu",
                  eps: float | None = None, central: bool = False,
                  trainable_lambda: bool = False, weight_centralization: bool = False,
-                 norm: str = "none", model_kwargs: dict[str, Any] | None = None,
+                 norm: str = "none", lambda_min: float = 1.0,
+                 model_kwargs: dict[str, Any] | None = None,
                  lr: float = 0.01, momentum: float = 0.9, nesterov: bool = False,
                  weight_decay: float = 5e-4, decay_all: bool = False,
                  schedule: str = "multistep", milestones: tuple[int, ...] = (),
@@ -139,7 +141,7 @@ class ClassifierModule(L.LightningModule):
         self.model = create_model(model, num_classes=num_classes, act=act, eps=eps,
                                   central=central, trainable_lambda=trainable_lambda,
                                   weight_centralization=weight_centralization, norm=norm,
-                                  **(model_kwargs or {}))
+                                  lambda_min=lambda_min, **(model_kwargs or {}))
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         if compile:
@@ -256,18 +258,22 @@ class ImageClassifier(ClassifierModule):
                  in_chans: int = 3, act: str = "sselu", eps: float | None = 0.06,
                  central: bool = True, trainable_lambda: bool = True,
                  weight_centralization: bool = False, norm: str = "none",
-                 model_kwargs: dict[str, Any] | None = None, lr: float = 0.02,
-                 momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 4e-5,
-                 decay_all: bool = False,
+                 lambda_min: float = 1.0, model_kwargs: dict[str, Any] | None = None,
+                 lr: float = 0.02, momentum: float = 0.9, nesterov: bool = False,
+                 weight_decay: float = 4e-5, decay_all: bool = False,
                  schedule: str = "multistep", milestones: tuple[int, ...] = (60, 75),
                  gamma: float = 0.1, warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0,
                  label_smoothing: float = 0.0, channels_last: bool = False,
                  compile: bool = False) -> None:
-        super().__init__(model, num_classes, act, eps, central, trainable_lambda,
-                         weight_centralization, norm,
-                         _with_input_size(model_kwargs, "in_chans", in_chans), lr, momentum,
-                         nesterov, weight_decay, decay_all, schedule, milestones, gamma,
-                         warmup_epochs, min_lr_ratio, label_smoothing, channels_last, compile)
+        super().__init__(
+            model=model, num_classes=num_classes, act=act, eps=eps, central=central,
+            trainable_lambda=trainable_lambda, weight_centralization=weight_centralization,
+            norm=norm, lambda_min=lambda_min,
+            model_kwargs=_with_input_size(model_kwargs, "in_chans", in_chans), lr=lr,
+            momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+            decay_all=decay_all, schedule=schedule, milestones=milestones, gamma=gamma,
+            warmup_epochs=warmup_epochs, min_lr_ratio=min_lr_ratio,
+            label_smoothing=label_smoothing, channels_last=channels_last, compile=compile)
 
 
 class TabularClassifier(ClassifierModule):
@@ -282,14 +288,19 @@ class TabularClassifier(ClassifierModule):
     def __init__(self, in_features: int, model: str = "fc_snn", num_classes: int = 2,
                  act: str = "sselu", eps: float | None = 0.017, central: bool = False,
                  trainable_lambda: bool = False, weight_centralization: bool = False,
-                 norm: str = "none", model_kwargs: dict[str, Any] | None = None,
-                 lr: float = 0.003, momentum: float = 0.9, nesterov: bool = False,
-                 weight_decay: float = 0.0, decay_all: bool = False,
-                 schedule: str = "cosine", milestones: tuple[int, ...] = (),
-                 gamma: float = 0.1, warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0,
+                 norm: str = "none", lambda_min: float = 1.0,
+                 model_kwargs: dict[str, Any] | None = None, lr: float = 0.003,
+                 momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0,
+                 decay_all: bool = False, schedule: str = "cosine",
+                 milestones: tuple[int, ...] = (), gamma: float = 0.1,
+                 warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0,
                  label_smoothing: float = 0.0, compile: bool = False) -> None:
-        super().__init__(model, num_classes, act, eps, central, trainable_lambda,
-                         weight_centralization, norm,
-                         _with_input_size(model_kwargs, "in_features", in_features), lr, momentum,
-                         nesterov, weight_decay, decay_all, schedule, milestones, gamma,
-                         warmup_epochs, min_lr_ratio, label_smoothing, False, compile)
+        super().__init__(
+            model=model, num_classes=num_classes, act=act, eps=eps, central=central,
+            trainable_lambda=trainable_lambda, weight_centralization=weight_centralization,
+            norm=norm, lambda_min=lambda_min,
+            model_kwargs=_with_input_size(model_kwargs, "in_features", in_features), lr=lr,
+            momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+            decay_all=decay_all, schedule=schedule, milestones=milestones, gamma=gamma,
+            warmup_epochs=warmup_epochs, min_lr_ratio=min_lr_ratio,
+            label_smoothing=label_smoothing, compile=compile)

@@ -48,9 +48,10 @@ def arch_kwargs(name: str) -> list[str]:
 def create_model(name: str, *, num_classes: int, act: str = "sselu", eps: float | None = None,
                  central: bool = False, trainable_lambda: bool = False,
                  weight_centralization: bool = False, norm: str = "none",
-                 **arch_kw) -> nn.Module:
+                 lambda_min: float = 1.0, **arch_kw) -> nn.Module:
     """Build architecture ``name`` with activation ``act`` (parameters solved from ``eps``).
 
+    ``lambda_min`` is the solver's λ ≥ λ_min constraint (eq. 11; the paper's ablation uses 0.5).
     ``norm`` is ``none`` (self-normalizing init, conv biases) or ``batchnorm`` (Kaiming init,
     no conv biases); ``weight_centralization`` swaps in ``WCConv2d`` / ``WCLinear``.
     """
@@ -66,6 +67,7 @@ def create_model(name: str, *, num_classes: int, act: str = "sselu", eps: float 
     if unknown:
         raise UserError(f"{name} takes no option(s) {', '.join(unknown)}; its options are: "
                         f"{', '.join(allowed)}.")
-    act_layer = get_act_layer(act, eps=eps, central=central, trainable_lambda=trainable_lambda)
+    act_layer = get_act_layer(act, eps=eps, central=central, trainable_lambda=trainable_lambda,
+                              lambda_min=lambda_min)
     return _MODELS[name](num_classes=num_classes, act_layer=act_layer, norm=NORMS[norm],
                          weight_centralization=bool(weight_centralization), **arch_kw)

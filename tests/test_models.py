@@ -124,6 +124,15 @@ def test_bad_activation_requests_are_one_sentence_user_errors(call):
     assert "\n" not in str(err.value)
 
 
+def test_lambda_min_reaches_the_solver_through_create_model():
+    model = create_model("fc_snn", num_classes=2, act="lselu", eps=0.06, lambda_min=0.5,
+                         in_features=4, depth=3, width=8)
+    acts = [m for m in model.modules() if isinstance(m, SeluFamilyAct)]
+    sol = solve("lselu", 0.06, lambda_min=0.5)
+    assert sol.lam < 1.0  # the relaxed constraint is active
+    assert all((a.lam, a.alpha, a.kappa) == (sol.lam, sol.alpha, sol.kappa) for a in acts)
+
+
 def test_relu_is_plain_and_act_layer_builds_independent_modules():
     assert type(create_act("relu")) is nn.ReLU
     layer = get_act_layer("lselu", eps=0.03, trainable_lambda=True)

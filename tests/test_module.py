@@ -1,6 +1,7 @@
 """The LightningModules (ImageClassifier, TabularClassifier) and the Mixup callback (issue 5)."""
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -210,6 +211,23 @@ def test_lightning_cli_builds_the_module_from_yaml_style_arguments():
     assert isinstance(cli.model, ImageClassifier)
     assert cli.model.hparams.act == "lselu" and tuple(cli.model.hparams.milestones) == (2, 4)
     assert cli.model.hparams.lr == 0.02  # the paper's ImageNet default
+
+
+def test_bench_train_runs_both_configs_and_reports_the_ratio(tmp_path, capsys):
+    from app.bench import train
+
+    out = tmp_path / "bench.json"
+    assert train.main(["--device", "cpu", "--image-size", "16", "--batch-size", "4",
+                       "--num-classes", "10", "--steps", "1", "--warmup", "1",
+                       "--repeats", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "sselu / bn_relu" in text
+    results = json.loads(out.read_text())["results"]
+    assert {(r["config"], r["mode"]) for r in results} == {("sselu", "eager"),
+                                                            ("bn_relu", "eager")}
+    assert all(r["images_per_s"] > 0 for r in results)
+    with pytest.raises(UserError):
+        train.main(["--device", "cpu", "--modes", "eager,jit"])
 
 
 # ---- mixup -----------------------------------------------------------------------------------
