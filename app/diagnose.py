@@ -180,17 +180,17 @@ def _measure(model: nn.Module, batch: Any, selected: list[tuple[str, nn.Module]]
              stats: LayerStats, step_loss: Callable[[nn.Module, Any], Tensor],
              context: Callable[[], AbstractContextManager]) -> Tensor:
     """One forward/backward: [layers, (E[h²], E[h], E[x²], E[x], ‖∂L/∂W‖_F)] on the host."""
-    device = next(model.parameters()).device
     model.zero_grad(set_to_none=True)
-    stats.reset()
     stats.attach()
+    stats.reset()
     try:
         with context():
             loss = step_loss(model, batch)
     finally:
         stats.detach()
     loss.backward()
-    return torch.cat([stats.moments(device), grad_norms(selected, device)[:, None]], dim=1).cpu()
+    moments = stats.moments()[:, [0, 1, 3, 4]]
+    return torch.cat([moments, grad_norms(selected, stats.device)[:, None]], dim=1).cpu()
 
 
 class _Trace:

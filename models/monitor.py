@@ -97,34 +97,34 @@ def activation_label(model: nn.Module) -> str:
 class LayerStats:
     """Forward hooks that accumulate Σh², Σh and the element count of each layer's output.
 
-    Sums stay on the device in float32; only counts (known from shapes) live on the host, so a
-    hook never syncs. Calls in eval mode are ignored. ``inputs=True`` also records the layer
-    input's Σx² and Σx (``app diagnose`` starts the theory from the first layer's input).
+    Everything accumulates in place in one float32 tensor on the layers' device, so a hook
+    never syncs. Hooks run eagerly: dynamo does not replay their effects from a cached graph,
+    so inside a ``torch.compile``-d model a logging step breaks the graph at each monitored
+    layer, while every other step runs the hook-free compiled graph (one more compile each).
+    Calls in eval mode are ignored. ``inputs=True`` also records the layer input's Σx², Σx
+    and count (``app diagnose`` starts the theory from a layer's input).
     """
 
     def __init__(self, layers: Sequence[tuple[str, nn.Module]], inputs: bool = False) -> None:
         self.layers = list(layers)
         self.inputs = inputs
         self._handles: list[Any] = []
+        self._acc: Tensor | None = None  # [layers, (Σh², Σh, n_h[, Σx², Σx, n_x])]
         # one hook object per layer, reused on every attach (stable identity for torch.compile)
         self._hooks = [self._make_hook(i) for i in range(len(self.layers))]
-        self.reset()
 
     @property
-    def columns(self) -> int:
-        return 4 if self.inputs else 2
-
-    @property
-    def ran(self) -> np.ndarray:
-        """Which layers ran (in training mode) since the last reset."""
-        return np.array(self._counts) > 0
+    def device(self) -> torch.device:
+        return self.layers[0][1].weight.device
 
     def reset(self) -> None:
-        self._sums: list[Tensor | None] = [None] * len(self.layers)
-        self._counts = [0] * len(self.layers)
-        self._in_counts = [0] * len(self.layers)
+        if self._acc is not None:
+            self._acc.zero_()
 
     def attach(self) -> None:
+        if self._acc is None or self._acc.device != self.device:
+            self._acc = torch.zeros(len(self.layers), 6 if self.inputs else 3,
+                                    device=self.device)
         if not self._handles:
             self._handles = [m.register_forward_hook(hook)
                              for (_, m), hook in zip(self.layers, self._hooks)]
@@ -135,33 +135,29 @@ class LayerStats:
         self._handles = []
 
     def _make_hook(self, i: int):
+        @torch.compiler.disable  # eager even inside a compiled model (class docstring)
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if module.training:
-                self._add(i, output, args[0] if self.inputs else None)
+                self._add(self._acc[i, :3], output)
+                if self.inputs:
+                    self._add(self._acc[i, 3:], args[0])
         return hook
 
-    def _add(self, i: int, h: Tensor, x: Tensor | None) -> None:
-        h = h.detach()
-        parts = [torch.linalg.vector_norm(h, dtype=torch.float32).square(),
-                 h.sum(dtype=torch.float32)]
-        if x is not None:
-            x = x.detach()
-            parts += [torch.linalg.vector_norm(x, dtype=torch.float32).square(),
-                      x.sum(dtype=torch.float32)]
-            self._in_counts[i] += x.numel()
-        s = torch.stack(parts)
-        self._sums[i] = s if self._sums[i] is None else self._sums[i] + s
-        self._counts[i] += h.numel()
+    @staticmethod
+    def _add(acc: Tensor, t: Tensor) -> None:
+        t = t.detach()
+        acc[:2] += torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32).square(),
+                                t.sum(dtype=torch.float32)])
+        acc[2] += t.numel()
 
-    def moments(self, device: torch.device) -> Tensor:
-        """[layers, 2 or 4] float32 on ``device``: E[h²], E[h] (, E[x²], E[x]); NaN if unseen."""
-        c = self.columns
-        sums = torch.stack([torch.full((c,), math.nan, device=device) if s is None
-                            else s.to(device) for s in self._sums])
-        counts = torch.tensor([[n, n, n_in, n_in][:c]
-                               for n, n_in in zip(self._counts, self._in_counts)],
-                              dtype=torch.float32)
-        return sums / counts.to(device, non_blocking=True)
+    def moments(self) -> Tensor:
+        """[layers, 3 or 6] float32 on the device: E[h²], E[h], count of h (, E[x²], E[x],
+        count of x); the means are NaN for a layer that did not run."""
+        assert self._acc is not None, "attach() first"
+        acc = self._acc.clone()
+        for k in range(0, acc.shape[1], 3):
+            acc[:, k:k + 2] /= acc[:, k + 2:k + 3]
+        return acc
 
 
 def grad_norms(layers: Sequence[tuple[str, nn.Module]], device: torch.device) -> Tensor:
@@ -286,7 +282,7 @@ class NormalizationMonitor(L.Callback):
         self._recorded_step = self._step  # once per step, whatever the number of optimizers
         violation = None
         if trainer.is_global_zero and self.stats is not None:
-            stats, measured = self._record(pl_module.device)
+            stats, measured = self._record()
             self._log(trainer, stats)
             if self.guard:
                 violation = self._check(trainer, stats, measured)
@@ -334,15 +330,15 @@ class NormalizationMonitor(L.Callback):
 
     # ---- recording and logging --------------------------------------------------------------
 
-    def _record(self, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    def _record(self) -> tuple[np.ndarray, np.ndarray]:
         """[layers, 3] (E[h²], mean, ‖∂L/∂W‖_F) in one device-to-host copy, and which entries
         were measured; the hooks are removed."""
         assert self.stats is not None
         self.stats.detach()
-        ran = self.stats.ran
-        stats = torch.cat([self.stats.moments(device),
-                           grad_norms(self.layers, device)[:, None]], dim=1).cpu().numpy()
+        grads = grad_norms(self.layers, self.stats.device)[:, None]
+        both = torch.cat([self.stats.moments(), grads], dim=1).cpu().numpy()
         self.stats.reset()
+        stats, ran = both[:, [0, 1, 3]], both[:, 2] > 0
         self.history.append((self._step, stats))
         self._logs += 1
         return stats, np.stack([ran, ran, np.ones_like(ran)], axis=1)

@@ -98,6 +98,21 @@ def test_values_equal_a_direct_computation(tmp_path):
         np.testing.assert_allclose(stats, direct(module.net, *data[step]), rtol=1e-5, atol=1e-7)
 
 
+def test_a_compiled_model_is_measured_on_every_logging_step(tmp_path):
+    torch.manual_seed(0)
+    data = batches((3, 6, 6), 7)
+    net = conv_net()
+    net.compile()  # hooks come and go; cached graphs must not swallow their effects
+    module = Tiny(net, lr=0.0)
+    mon = NormalizationMonitor(every_n_steps=3)
+    trainer(tmp_path, [mon], max_steps=7).fit(module, loader(data))
+    eager = conv_net()
+    eager.load_state_dict(net.state_dict())
+    assert [step for step, _ in mon.history] == [0, 3, 6]
+    for step, stats in mon.history:
+        np.testing.assert_allclose(stats, direct(eager, *data[step]), rtol=1e-4, atol=1e-6)
+
+
 def test_gradients_are_read_after_amp_unscaling(tmp_path):
     torch.manual_seed(0)
     data = batches((12,), 2)
