@@ -1,6 +1,9 @@
 """NormalizationMonitor and the explosion guard, on tiny models trained by a real Trainer."""
 import gc
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -375,3 +378,57 @@ def test_app_fit_exits_3_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pa
     after = files(ckpt)
     assert all(after[name] == before[name] for name in before)
     assert [n for n in after if n.startswith("diverged-step")]
+
+
+DDP_SCRIPT = '''
+import sys
+import torch, lightning as L, torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from lightning.pytorch.callbacks import ModelCheckpoint
+from app.errors import TrainingDiverged
+from models.monitor import NormalizationMonitor
+
+class Net(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        layers, d = [], 12
+        for _ in range(8):
+            layers += [nn.Linear(d, 64), nn.SELU()]
+            d = 64
+        self.net = nn.Sequential(*layers, nn.Linear(64, 5))
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=100.0)
+
+torch.manual_seed(0)  # the same data on both ranks; DistributedSampler shards it
+data = TensorDataset(torch.randn(1024, 12), torch.randint(0, 5, (1024,)))
+trainer = L.Trainer(max_steps=40, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                    enable_progress_bar=False, enable_model_summary=False,
+                    callbacks=[NormalizationMonitor(every_n_steps=int(sys.argv[1])),
+                               ModelCheckpoint(dirpath="ckpt", every_n_train_steps=1000)])
+try:
+    trainer.fit(Net(), DataLoader(data, batch_size=16))
+except TrainingDiverged as err:
+    print(f"rank {trainer.global_rank}: {err}", flush=True)
+    sys.exit(3)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every_n_steps", [1, 50], ids=["statistics", "loss"])
+def test_ddp_ranks_stop_together_with_one_diagnostic_checkpoint(tmp_path, every_n_steps):
+    (tmp_path / "run.py").write_text(DDP_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "run.py", str(every_n_steps)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)  # a hang fails here
+    assert done.returncode == 3, done.stderr[-2000:]
+    # both ranks print to one pipe, so their lines may interleave
+    said = dict(re.findall(r"rank (\d): (training diverged at step [1-5]: .*?untouched\))",
+                           done.stdout))
+    assert set(said) == {"0", "1"}, done.stdout
+    assert said["0"] == said["1"]  # the same step and verdict on both ranks
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [
+        re.search(r"(diverged-step\d+\.ckpt)", said["0"])[1]]
