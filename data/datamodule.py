@@ -76,12 +76,13 @@ class FFCVImageDataModule(LightningDataModule):
         drop_last: drop the last incomplete train batch.
         distributed: shard the data across ranks; default: on when the trainer's world size
             is above one. Each epoch reshuffles with ``seed`` + epoch, as DistributedSampler.
-        seed: seed of the train order (the same on every rank).
+        seed: seed of the train order (the same on every rank); the prepared data does not
+            depend on it, so runs with different seeds share the betons.
         write_mode: prepare: ``raw``, ``jpg``, ``proportion`` or ``smart`` (default: source's).
         max_resolution: prepare: cap on the stored longer side (0: keep; default: source's).
         jpeg_quality: prepare: JPEG quality (default 90).
         compress_probability: prepare: JPEG share with ``write_mode: proportion``.
-        subset: prepare: a random subset of this many train images.
+        subset: prepare: a fixed random subset of this many train images.
         skip_bad: prepare: skip unreadable images instead of stopping.
     """
 
@@ -165,7 +166,7 @@ class FFCVImageDataModule(LightningDataModule):
         self.drop_last, self.distributed = drop_last, distributed
         self._loaders: dict[str, FFCVLoader] = {}
 
-    # -- what the app links to the model ---------------------------------------------------
+    # -- paths and the facts the app links to the model ---------------------------------------
 
     def _path(self, split: str, given: str | None) -> Path:
         if given:
@@ -175,7 +176,7 @@ class FFCVImageDataModule(LightningDataModule):
                             f".beton file, or data.source (e.g. digits) to prepare one")
         subset = self.subset if split == "train" else None
         return default_beton(self.source, split, self.root, self.source_options, self.write,
-                             subset, self.seed)
+                             subset)
 
     def _num_classes(self, meta: dict[str, Any] | None) -> int:
         if meta is not None:
@@ -224,8 +225,7 @@ class FFCVImageDataModule(LightningDataModule):
         for split, path in missing:
             prepare(self.source, split, path, self.root, options=self.write,
                     source_options=self.source_options,
-                    subset=self.subset if split == "train" else None, seed=self.seed,
-                    skip_bad=self.skip_bad)
+                    subset=self.subset if split == "train" else None, skip_bad=self.skip_bad)
 
     def setup(self, stage: str | None = None) -> None:
         for path in (self.train_path, self.val_path) if stage in (None, "fit") else (self.val_path,):

@@ -42,11 +42,11 @@ def write_options(source: str, **overrides: Any) -> WriteOptions:
 
 
 def default_beton(source: str, split: str, root: str | None, source_options: dict[str, Any],
-                  options: WriteOptions, subset: int | None, seed: int) -> Path:
+                  options: WriteOptions, subset: int | None) -> Path:
     """Where the DataModule keeps ``split`` of ``source`` when no path is configured."""
     key = {"root": str(Path(root).expanduser().resolve()) if root else None,
            "options": source_options, "write": asdict(options) | {"num_workers": None},
-           "subset": subset, "seed": seed}
+           "subset": subset}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return data_dir() / f"{get_source(source).name}-{digest}" / f"{split}.beton"
 

@@ -4,8 +4,9 @@ Both read the same generated JPEG folder (ImageNet-like sizes, JPEG quality 90) 
 same thing: RandomResizedCrop to ``--resolution`` + horizontal flip, normalised float32 batches
 on ``--device``, with ``--num-workers`` workers (FFCV: decoding threads; torchvision: PIL
 DataLoader processes). FFCV reads the .beton that ``prepare`` writes from that folder with the
-imagefolder defaults (``--write-mode``, ``--max-resolution``). Epochs after a warm-up epoch (JIT
-compilation, worker start-up) are timed.
+imagefolder defaults (``--write-mode``, ``--max-resolution``). After a warm-up epoch each (JIT
+compilation, worker start-up, page cache), timed epochs alternate between the two loaders, so
+that a shared machine's varying load affects both alike.
 """
 from __future__ import annotations
 
@@ -29,13 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=224, help="output side of both loaders")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=cores, help="both loaders (default: cores)")
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--write-mode", default="proportion", help="how prepare stores the images")
+    p.add_argument("--compress-probability", type=float, default=0.5,
+                   help="JPEG share for write-mode proportion")
     p.add_argument("--max-resolution", type=int, default=400, help="prepare's cap (0: keep)")
     p.add_argument("--folder", type=Path,
-                   help="where the JPEG folder and .beton live (kept; reused when present); "
-                        "default: a temporary folder")
+                   help="where the JPEG folder and .beton live (kept; reused when present, so "
+                        "change it with the storage options); default: a temporary folder")
     p.add_argument("--only", choices=("ffcv", "torchvision"), help="time one loader only")
     return p
 
@@ -57,32 +60,25 @@ def make_jpeg_folder(root: Path, images: int, classes: int, seed: int = 0) -> No
         Image.fromarray(img).save(folder / f"{i:06d}.jpg", quality=90)
 
 
-def _time(loader, epochs: int, device) -> tuple[float, int]:
+def _epoch(loader, device) -> tuple[float, int]:
     import torch
 
-    for _ in loader:  # warm-up epoch: JIT compilation, worker start-up, page cache
-        pass
     seen, start = 0, time.perf_counter()
-    for _ in range(epochs):
-        for x, y in loader:
-            seen += x.shape[0]
+    for x, _ in loader:
+        seen += x.shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start, seen
 
 
-def bench_ffcv(beton: Path, args, device) -> tuple[float, int]:
+def ffcv_loader(beton: Path, args, device):
     from data.datamodule import FFCVImageDataModule
 
     dm = FFCVImageDataModule(train_path=str(beton), val_path=str(beton), augment="imagenet",
                              resolution=args.resolution, batch_size=args.batch_size,
                              num_workers=args.num_workers)
     dm.setup("fit")
-    loader = dm.build_loader("train", device=device)
-    try:
-        return _time(loader, args.epochs, device)
-    finally:
-        loader.close()
+    return dm.build_loader("train", device=device)
 
 
 class _TorchvisionLoader:
@@ -111,10 +107,6 @@ class _TorchvisionLoader:
             yield x.contiguous(memory_format=self.torch.channels_last), y.to(self.device, non_blocking=True)
 
 
-def bench_torchvision(folder: Path, args, device) -> tuple[float, int]:
-    return _time(_TorchvisionLoader(folder, args, device), args.epochs, device)
-
-
 def main(argv: list[str]) -> int:
     import torch
 
@@ -136,16 +128,27 @@ def main(argv: list[str]) -> int:
         if not beton.is_file():
             started = time.perf_counter()
             options = write_options("imagefolder", write_mode=args.write_mode,
-                                    max_resolution=args.max_resolution)
+                                    max_resolution=args.max_resolution,
+                                    compress_probability=args.compress_probability)
             prepare("imagefolder", "train", beton, str(folder), options=options, progress=False)
             print(f"prepared {beton} ({beton.stat().st_size / 2**20:.0f} MiB, "
                   f"{time.perf_counter() - started:.1f} s)")
-        results = {}
+        loaders = {}
         if args.only in (None, "ffcv"):
-            results["ffcv"] = bench_ffcv(beton, args, device)
+            loaders["ffcv"] = ffcv_loader(beton, args, device)
         if args.only in (None, "torchvision"):
-            results["torchvision"] = bench_torchvision(folder, args, device)
-    rates = {k: n / s for k, (s, n) in results.items()}
+            loaders["torchvision"] = _TorchvisionLoader(folder, args, device)
+        for loader in loaders.values():
+            _epoch(loader, device)  # warm-up
+        spent = {k: [0.0, 0] for k in loaders}
+        for _ in range(args.epochs):
+            for k, loader in loaders.items():
+                s, n = _epoch(loader, device)
+                spent[k][0] += s
+                spent[k][1] += n
+        if "ffcv" in loaders:
+            loaders["ffcv"].close()
+    rates = {k: n / s for k, (s, n) in spent.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"\nloader benchmark: {args.images} images, {args.resolution}px RandomResizedCrop+flip, "
           f"batch {args.batch_size}, {args.num_workers} workers, device {device} ({name}), "
