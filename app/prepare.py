@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--write-mode", choices=WRITE_MODES)
     g.add_argument("--max-resolution", type=int, help="cap on the longer side; 0 keeps the size")
     g.add_argument("--jpeg-quality", type=int)
-    g.add_argument("--compress-probability", type=float, help="JPEG share for write-mode proportion")
+    g.add_argument("--compress-probability", type=float,
+                   help="JPEG share for write-mode proportion")
     g.add_argument("--smart-threshold", type=int, help="raw bytes above which smart mode JPEGs")
     g.add_argument("--num-workers", type=int, default=-1, help="writer processes (-1: all cores)")
     g.add_argument("--chunk-size", type=int, default=100, help="images per work item")

@@ -2,14 +2,13 @@
 
 Used from LightningCLI configs as ``class_path: data.FFCVImageDataModule``. The recipe follows
 ffcv-imagenet: RandomResizedCrop decoder + flip for train, CenterCrop (ratio 224/256) for val,
-uint8 → device (non_blocking) → channels_last → normalised on the GPU in the training dtype (on
-the CPU, normalised in ffcv's compiled threads before ToTensor; see ``data.pipelines``).
+uint8 → device (non_blocking) → channels_last → normalised on the GPU in the training dtype
+(on the CPU, normalised in ffcv's compiled threads before ToTensor; see ``data.pipelines``).
 ``num_classes`` and ``image_size`` are known right after ``__init__`` so the app can link them to
 the model, even before the .beton files exist.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +22,7 @@ from data.loader import FFCVLoader
 from data.prepare import default_beton, prepare, write_options
 from data.sidecar import beton_labels, read_sidecar
 from data.sources import count_classes, default_resolution, get_source
+from data.writer import usable_cores
 
 Order = Literal["random", "quasi_random", "sequential"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
@@ -140,10 +140,14 @@ class FFCVImageDataModule(LightningDataModule):
         self.num_classes = self._num_classes(meta)
         self.class_names: list[str] | None = (meta or {}).get("class_names")
 
-        self.recipe_name = augment or (get_source(defaults_from).recipe if defaults_from else "imagenet")
-        self.recipe = pipelines.get_recipe(self.recipe_name)
+        # Unset recipe and resolution follow the source (named here or in the sidecar).
         opts = self.source_options if self.source else (meta or {}).get("source_options") or {}
-        self.resolution = resolution or (default_resolution(defaults_from, **opts) if defaults_from else 224)
+        if defaults_from:
+            self.recipe_name = augment or get_source(defaults_from).recipe
+            self.resolution = resolution or default_resolution(defaults_from, **opts)
+        else:
+            self.recipe_name, self.resolution = augment or "imagenet", resolution or 224
+        self.recipe = pipelines.get_recipe(self.recipe_name)
         self.val_resolution = val_resolution or self.resolution
         self.image_size = self.val_resolution
         self.in_chans = 3
@@ -228,7 +232,8 @@ class FFCVImageDataModule(LightningDataModule):
                     subset=self.subset if split == "train" else None, skip_bad=self.skip_bad)
 
     def setup(self, stage: str | None = None) -> None:
-        for path in (self.train_path, self.val_path) if stage in (None, "fit") else (self.val_path,):
+        needed = (self.train_path, self.val_path) if stage in (None, "fit") else (self.val_path,)
+        for path in needed:
             if not path.is_file():
                 raise UserError(f".beton {str(path)!r} does not exist; run prepare_data first "
                                 f"(the trainer does) or `python -m app prepare`")
@@ -286,9 +291,8 @@ class FFCVImageDataModule(LightningDataModule):
     def _workers(self) -> int:
         if self.num_workers is not None and self.num_workers > 0:
             return self.num_workers
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         local = self.trainer.num_devices if self.trainer is not None else 1
-        return max(1, (cores or 1) // max(1, local))
+        return max(1, usable_cores() // max(1, local))
 
     def _loader(self, split: str) -> FFCVLoader:
         if split not in self._loaders:

@@ -20,7 +20,7 @@ def is_image_file(name: str) -> bool:
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decode ``path`` into an H×W×3 uint8 array; grayscale, palette, RGBA, CMYK, 16-bit → RGB."""
+    """Decode ``path`` to H×W×3 uint8; grayscale, palette, RGBA, CMYK and 16-bit become RGB."""
     try:
         with warnings.catch_warnings():
             # A few ImageNet files carry broken EXIF or are huge; both decode fine.

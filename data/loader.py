@@ -93,9 +93,11 @@ class FFCVLoader:
         self.dtype = dtype
         self._shift = self._scale = None
         if mean is not None and std is not None:
-            shape = (1, len(mean), 1, 1)
-            self._shift = torch.tensor([255.0 * m for m in mean], device=device).view(shape).to(dtype)
-            self._scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(shape).to(dtype)
+            def channels(values: list[float]) -> Tensor:
+                return torch.tensor(values, device=device).view(1, -1, 1, 1).to(dtype)
+
+            self._shift = channels([255.0 * m for m in mean])
+            self._scale = channels([1.0 / (255.0 * s) for s in std])
         self._count = 0
         self._epoch = epoch or (lambda: self._count)
         self._before_epoch = before_epoch

@@ -1,4 +1,4 @@
-"""FFCV pipelines, written out literally as in ffcv-imagenet: decode → augment → tensor → device.
+"""FFCV pipelines, written out literally as in ffcv-imagenet: decode, augment, tensor, device.
 
 A recipe names the decode and augmentation steps for the train and val splits; the rest of the
 pipeline is shared and depends on the device:

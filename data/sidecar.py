@@ -56,7 +56,8 @@ def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def beton_image_sizes(beton: str | os.PathLike, field: str = "image") -> tuple[tuple[int, int], tuple[int, int]]:
+def beton_image_sizes(beton: str | os.PathLike,
+                      field: str = "image") -> tuple[tuple[int, int], tuple[int, int]]:
     """The smallest and largest stored (height, width), from the metadata (no decoding)."""
     from ffcv.reader import Reader
 

@@ -86,9 +86,14 @@ class WriteOptions:
         return max(MIN_PAGE, 1 << (3 * max_pixels - 1).bit_length())
 
     def workers(self) -> int:
-        if self.num_workers > 0:
-            return self.num_workers
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return self.num_workers if self.num_workers > 0 else usable_cores()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container or ``taskset`` may allow fewer)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def temp_path(out: Path) -> Path:

@@ -172,7 +172,8 @@ def test_facts_are_known_before_any_file_exists(data_dir):
     assert again.train_path == dm.train_path and again.class_names == [str(d) for d in range(10)]
     assert FFCVImageDataModule(source="digits", write_mode="jpg").train_path != dm.train_path
     from_file = FFCVImageDataModule(train_path=str(dm.train_path), val_path=str(dm.val_path))
-    assert (from_file.num_classes, from_file.image_size, from_file.recipe_name) == (10, 32, "digits")
+    facts = from_file.num_classes, from_file.image_size, from_file.recipe_name
+    assert facts == (10, 32, "digits")
 
 
 def test_bad_configuration_is_one_user_error(betons, tmp_path, data_dir):

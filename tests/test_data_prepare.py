@@ -225,7 +225,8 @@ def test_tiny_imagenet_layout(tmp_path):
     assert train["class_names"] == val["class_names"] == ["eel", "goldfish", "tabby, cat"]
     assert train["class_counts"] == [2, 3, 4]
     assert stored_labels(tmp_path / "t.beton").tolist() == [0, 0, 1, 1, 1, 2, 2, 2, 2]
-    assert stored_labels(tmp_path / "v.beton").tolist() == [truth[f"val_{j}.JPEG"] for j in range(4)]
+    want = [truth[f"val_{j}.JPEG"] for j in range(4)]
+    assert stored_labels(tmp_path / "v.beton").tolist() == want
     assert val["max_size"] == [64, 64]
 
 

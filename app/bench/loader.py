@@ -24,7 +24,9 @@ import numpy as np
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app bench loader", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from data.writer import usable_cores
+
+    cores = usable_cores()
     p.add_argument("--images", type=int, default=2000, help="images in the generated folder")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--resolution", type=int, default=224, help="output side of both loaders")
@@ -104,7 +106,8 @@ class _TorchvisionLoader:
     def __iter__(self):
         for x, y in self.loader:
             x = x.to(self.device, non_blocking=True)
-            yield x.contiguous(memory_format=self.torch.channels_last), y.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            yield x.contiguous(memory_format=self.torch.channels_last), y
 
 
 def main(argv: list[str]) -> int:
@@ -149,7 +152,10 @@ def main(argv: list[str]) -> int:
         if "ffcv" in loaders:
             loaders["ffcv"].close()
     rates = {k: n / s for k, (s, n) in spent.items()}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or "cpu"
     print(f"\nloader benchmark: {args.images} images, {args.resolution}px RandomResizedCrop+flip, "
           f"batch {args.batch_size}, {args.num_workers} workers, device {device} ({name}), "
           f"{os.cpu_count()} CPUs")
@@ -158,5 +164,6 @@ def main(argv: list[str]) -> int:
     if len(rates) == 2:
         print(f"  ffcv / torchvision: {rates['ffcv'] / rates['torchvision']:.2f}x")
     print(json.dumps({"bench": "loader", "device": str(device), "workers": args.num_workers,
-                      "resolution": args.resolution, "images_per_s": {k: round(r, 1) for k, r in rates.items()}}))
+                      "resolution": args.resolution,
+                      "images_per_s": {k: round(r, 1) for k, r in rates.items()}}))
     return 0

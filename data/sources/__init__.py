@@ -94,7 +94,8 @@ def get_source(name: str) -> type[ImageSource]:
 
 
 def _check_options(cls: type[ImageSource], options: dict[str, Any]) -> None:
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "root", "split")]
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in params if p not in ("self", "root", "split")]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise UserError(f"source {cls.name!r} has no option {unknown[0]!r}; its options are: "

@@ -55,7 +55,8 @@ class _Cifar(ImageSource):
         data = np.concatenate([b[b"data"] for b in batches])
         # Rows are 3072 bytes: the R, G and B planes of a 32×32 image.
         self.images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        self.labels = np.concatenate([np.asarray(b[self.label_key], dtype=np.int64) for b in batches])
+        self.labels = np.concatenate([np.asarray(b[self.label_key], dtype=np.int64)
+                                      for b in batches])
 
     def image(self, index: int) -> np.ndarray:
         return self.images[index]
