@@ -102,13 +102,16 @@ def _selu_family(name: str, eps: float | None, central: bool, trainable_lambda: 
                  lambda_min: float, **params: float) -> nn.Module:
     fam = _SELU_FAMILY[name]
     for key, value in params.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise UserError(f"{key} must be a finite number, got {value!r}.")
         if key in fam.fixed and value != fam.fixed[key]:
             raise UserError(f"{name} ({fam.equation}) fixes {key}={fam.fixed[key]:g}, got "
                             f"{key}={value!r}; drop {key}, or pick the activation that frees it.")
-        if not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise UserError(f"{key} must be a finite number, got {value!r}.")
     free = [p for p in _PARAMS if p not in fam.fixed]
     if eps is None and all(p in params for p in free):
+        if central:
+            raise UserError(f"central=True solves {name}'s parameters for E[f] = 0, but all of "
+                            f"{', '.join(free)} were given; drop central or one of them.")
         values = {**fam.fixed, **params}
     else:
         sol = solve(name, eps, central=central, lambda_min=lambda_min)

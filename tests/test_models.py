@@ -117,6 +117,8 @@ def test_explicit_parameters_override_the_solver():
     lambda: create_act("sselu", eps=0.06, gamma=2.0),
     lambda: create_act("relu", trainable_lambda=True),
     lambda: create_act("lselu", eps=float("nan")),
+    lambda: create_act("lselu", lam=1.0, alpha=float("inf"), kappa=0.1),
+    lambda: create_act("selu", central=True, lam=1.0, alpha=1.0),
 ])
 def test_bad_activation_requests_are_one_sentence_user_errors(call):
     with pytest.raises(UserError) as err:
