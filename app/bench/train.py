@@ -156,11 +156,12 @@ def run(args: argparse.Namespace) -> tuple[str, list[Result]]:
     for cand in cands:  # build and warm up (compile) each, then time round-robin
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)  # the earlier candidates' state
         steps[cand] = _train_step(*cand, args, device)
         for _ in range(args.warmup):
             steps[cand]()
         _sync(device)
-        peak[cand] = (torch.cuda.max_memory_allocated(device) / 2 ** 30
+        peak[cand] = ((torch.cuda.max_memory_allocated(device) - before) / 2 ** 30
                       if device.type == "cuda" else None)
     windows: dict[tuple[str, str], list[float]] = {cand: [] for cand in cands}
     for _ in range(args.repeats):
