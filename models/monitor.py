@@ -30,7 +30,6 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
@@ -429,7 +428,8 @@ class NormalizationMonitor(L.Callback):
 
     def _diverged(self, trainer: L.Trainer, step: int, what: str) -> None:
         """Write the diagnostic checkpoint (every rank calls this) and stop with one line."""
-        path = _diagnostic_path(trainer, step)
+        # rank 0 names the file: another rank could otherwise see it written and pick a -v1
+        path = trainer.strategy.broadcast(_diagnostic_path(trainer, step), src=0)
         trainer.save_checkpoint(path)
         raise TrainingDiverged(f"training diverged at step {step}: {what}; diagnostic "
                                f"checkpoint {path} (earlier checkpoints untouched)")
