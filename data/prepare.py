@@ -34,7 +34,8 @@ def write_options(source: str, **overrides: Any) -> WriteOptions:
     ``max_resolution=0`` means "keep the original size".
     """
     cls = get_source(source)
-    options = WriteOptions(write_mode=cls.write_mode, max_resolution=cls.max_resolution)
+    options = WriteOptions(write_mode=cls.write_mode, max_resolution=cls.max_resolution,
+                           compress_probability=cls.compress_probability)
     given = {k: v for k, v in overrides.items() if v is not None}
     if given.get("max_resolution") == 0:
         given["max_resolution"] = None

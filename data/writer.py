@@ -44,7 +44,7 @@ class WriteOptions:
     write_mode: str = "proportion"
     max_resolution: int | None = 400
     jpeg_quality: int = 90
-    compress_probability: float = 0.5
+    compress_probability: float = 0.1
     smart_threshold: int | None = None
     num_workers: int = -1
     chunk_size: int = 100

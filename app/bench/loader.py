@@ -34,10 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=cores, help="both loaders (default: cores)")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--write-mode", default="proportion", help="how prepare stores the images")
-    p.add_argument("--compress-probability", type=float, default=0.5,
-                   help="JPEG share for write-mode proportion")
-    p.add_argument("--max-resolution", type=int, default=400, help="prepare's cap (0: keep)")
+    g = p.add_argument_group("storage (default: prepare's imagefolder defaults)")
+    g.add_argument("--write-mode", help="raw, jpg, proportion or smart")
+    g.add_argument("--compress-probability", type=float, help="JPEG share for proportion")
+    g.add_argument("--max-resolution", type=int, help="cap on the longer side (0: keep)")
     p.add_argument("--folder", type=Path,
                    help="where the JPEG folder and .beton live (kept; reused when present, so "
                         "change it with the storage options); default: a temporary folder")
