@@ -18,7 +18,9 @@ from app.errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 _CONFIG_FLAGS = ("--config", "-c")
 # data-module attributes that fill the model argument of the same name when the model takes it
-DATA_TO_MODEL = ("num_classes", "in_features", "in_chans")
+# (channels_last too: the batches' memory format decides the model's, and Lightning refuses
+# to log two different values of one hyperparameter name)
+DATA_TO_MODEL = ("num_classes", "in_features", "in_chans", "channels_last")
 
 
 def resolve_config(value: str) -> Path:
@@ -166,6 +168,23 @@ def make_cli(argv: list[str], run: bool = True):
     except ArgumentError as err:
         msg = " ".join(str(err).split())
         raise UserError(f"bad configuration: {msg}") from None
+    except ValueError as err:
+        # jsonargparse wraps a class's own UserError (unknown activation, ε ≤ 0, ...) in a
+        # ValueError listing every Union subtype; the user needs just the original sentence.
+        cause = _user_error_in_chain(err)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _user_error_in_chain(err: BaseException) -> UserError | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def cli_main(argv: list[str]) -> int:

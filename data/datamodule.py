@@ -50,6 +50,8 @@ class FFCVImageDataModule(LightningDataModule):
             ``{num_classes: 100, num_samples: 10000, image_size: 256}`` for synthetic.
         batch_size: per-device train batch size.
         val_batch_size: per-device val batch size (default: ``batch_size``).
+        global_batch_size: train batch summed over all devices (the paper's 512); when set,
+            each device gets ``global_batch_size / world_size`` and ``batch_size`` is unused.
         num_workers: decoding threads per process (default: the cores shared by the local ranks).
         resolution: train output side (the end resolution when progressive resizing is on).
             Default: the source's (224 for ImageNet-like folders, 32 for CIFAR and digits).
@@ -95,6 +97,7 @@ class FFCVImageDataModule(LightningDataModule):
         source_options: dict[str, Any] | None = None,
         batch_size: int = 256,
         val_batch_size: int | None = None,
+        global_batch_size: int | None = None,
         num_workers: int | None = None,
         resolution: int | None = None,
         val_resolution: int | None = None,
@@ -157,6 +160,9 @@ class FFCVImageDataModule(LightningDataModule):
         self._check_ramp()
 
         self.batch_size = batch_size
+        self.global_batch_size = global_batch_size
+        if global_batch_size is not None and global_batch_size < 1:
+            raise UserError(f"global_batch_size {global_batch_size} must be positive")
         self.val_batch_size = val_batch_size or batch_size
         if self.batch_size < 1 or self.val_batch_size < 1:
             raise UserError(f"batch_size {min(self.batch_size, self.val_batch_size)} must be "
@@ -301,6 +307,16 @@ class FFCVImageDataModule(LightningDataModule):
                                                      distributed=self._is_distributed())
         return self._loaders[split]
 
+    def train_batch_size(self) -> int:
+        """Per-device train batch: ``global_batch_size`` split over the trainer's devices."""
+        if self.global_batch_size is None:
+            return self.batch_size
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.global_batch_size % world:
+            raise UserError(f"global_batch_size {self.global_batch_size} does not split evenly "
+                            f"over {world} devices; use a multiple of {world}")
+        return self.global_batch_size // world
+
     def build_loader(self, split: str, device: torch.device | None = None,
                      dtype: torch.dtype = torch.float32, distributed: bool = False) -> FFCVLoader:
         """A fresh loader for ``split`` ('train' or 'val'); the ``*_dataloader`` hooks call this
@@ -324,7 +340,7 @@ class FFCVImageDataModule(LightningDataModule):
             order = "random"
         loader = Loader(
             str(path),
-            batch_size=self.batch_size if train else self.val_batch_size,
+            batch_size=self.train_batch_size() if train else self.val_batch_size,
             num_workers=self._workers(),
             os_cache=self.os_cache,
             order=OrderOption[order.upper()],

@@ -138,6 +138,7 @@ class ClassifierModule(L.LightningModule):
                f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
 
         self.num_classes = num_classes
+        self.channels_last = channels_last  # not every subclass's hparams carry it
         self.model = create_model(model, num_classes=num_classes, act=act, eps=eps,
                                   central=central, trainable_lambda=trainable_lambda,
                                   weight_centralization=weight_centralization, norm=norm,
@@ -154,7 +155,7 @@ class ClassifierModule(L.LightningModule):
     # ---- forward and loss -------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.hparams.channels_last and x.dim() == 4:
+        if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
@@ -285,7 +286,8 @@ class TabularClassifier(ClassifierModule):
     See ``ClassifierModule`` for the other arguments.
     """
 
-    def __init__(self, in_features: int, model: str = "fc_snn", num_classes: int = 2,
+    def __init__(self, in_features: int | None = None, model: str = "fc_snn",
+                 num_classes: int = 2,
                  act: str = "sselu", eps: float | None = 0.017, central: bool = False,
                  trainable_lambda: bool = False, weight_centralization: bool = False,
                  norm: str = "none", lambda_min: float = 1.0,
@@ -295,6 +297,10 @@ class TabularClassifier(ClassifierModule):
                  milestones: tuple[int, ...] = (), gamma: float = 0.1,
                  warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0,
                  label_smoothing: float = 0.0, compile: bool = False) -> None:
+        # None only until the app fills it from the data module (a required argument would be
+        # demanded by the config parser before the data is known)
+        _check(in_features is not None, "TabularClassifier needs in_features; set "
+               "model.init_args.in_features or use a data module that provides it.")
         super().__init__(
             model=model, num_classes=num_classes, act=act, eps=eps, central=central,
             trainable_lambda=trainable_lambda, weight_centralization=weight_centralization,

@@ -263,3 +263,19 @@ def test_cuda_batches_are_normalised_on_the_device(betons):
     train = dm.build_loader("train", device=torch.device("cuda"))
     assert sorted(int(v) for _, b in train for v in b) == list(range(N))
     assert dm.transfer_batch_to_device(batches[0], torch.device("cuda", 0), 0) is batches[0]
+
+
+def test_global_batch_size_is_split_over_the_devices(betons):
+    from types import SimpleNamespace
+
+    dm = module(betons, global_batch_size=48)
+    assert dm.train_batch_size() == 48  # no trainer: one device
+    dm.trainer = SimpleNamespace(world_size=4, current_epoch=0)
+    assert dm.train_batch_size() == 12
+    x, _ = next(iter(dm.build_loader("train")))
+    assert x.shape[0] == 12
+    dm.trainer = SimpleNamespace(world_size=5)
+    with pytest.raises(UserError, match="does not split evenly over 5 devices"):
+        dm.train_batch_size()
+    with pytest.raises(UserError, match="global_batch_size 0 must be positive"):
+        module(betons, global_batch_size=0)
