@@ -117,7 +117,12 @@ class FFCVLoader:
             self._before_epoch(epoch)
         self.loader.next_epoch = epoch
         self._count = epoch + 1
-        it = iter(self.loader)  # starts the producer now, so it works ahead of the first next()
+        # ffcv allocates its batch buffers here and fills them from its own thread, which runs
+        # outside inference mode: buffers made under Lightning's inference_mode (validate, test,
+        # predict) would be inference tensors, the thread's in-place writes would fail and the
+        # loop would wait forever.
+        with torch.inference_mode(False):
+            it = iter(self.loader)  # starts the producer now, ahead of the first next()
         self._active = it
         return self._batches(it)
 

@@ -36,6 +36,12 @@ def test_fit_demo_through_the_cli_for_a_few_steps(workdir):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3
     assert list(run.glob("events.out.tfevents.*"))
+    # the trained checkpoint goes through the other LightningCLI subcommands too
+    for sub in ("validate", "test", "predict"):
+        assert main([sub, "--config", "demo.yaml", "--trainer.limit_val_batches=2",
+                     "--trainer.limit_test_batches=2", "--trainer.limit_predict_batches=2",
+                     "--trainer.enable_progress_bar=false",
+                     "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0, sub
 
 
 def test_resume_from_last_continues_steps_and_lr_schedule(workdir):

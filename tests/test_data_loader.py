@@ -279,3 +279,14 @@ def test_global_batch_size_is_split_over_the_devices(betons):
         dm.train_batch_size()
     with pytest.raises(UserError, match="global_batch_size 0 must be positive"):
         module(betons, global_batch_size=0)
+
+
+@pytest.mark.timeout(120)
+def test_first_epoch_under_inference_mode_yields_batches(betons):
+    """validate/test/predict run under torch.inference_mode: ffcv's thread must still fill its
+    buffers (it used to die on an inference-tensor write and leave the loop waiting forever)."""
+    dm = module(betons)
+    dm.setup("validate")
+    with torch.inference_mode():
+        labels = labels_of(dm.val_dataloader())
+    assert sorted(labels) == list(range(N))
