@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -74,9 +74,6 @@ class Solution:
                 "lambda": self.lam, "alpha": self.alpha, "beta": self.paper_beta,
                 "gamma": self.gamma, "phi1": self.phi1, "second_moment": self.second_moment,
                 "mean": self.mean}
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +174,7 @@ def _minimise_gamma(curve: Curve, lo: float, hi: float, lambda_min: float) -> tu
 def _edge(curve: Curve, t_in: float, t_out: float, lambda_min: float) -> float:
     """The boundary point between a feasible and an infeasible grid point, to machine precision."""
     def lam(x: float) -> float:
-        return float(np.asarray(curve(np.array([x])).lam).ravel()[0])
+        return _at(curve, x).lam
 
     if _feasible(curve(np.array([t_out])), 0.0)[0]:  # out only because λ < λ_min: a smooth root
         x = float(brentq(lambda x: lam(x) - lambda_min, t_in, t_out, xtol=1e-15, rtol=1e-15))

@@ -53,8 +53,6 @@ else
   say "dependencies up to date ($venv)"
 fi
 
-if [ -f cuda_ops/__main__.py ]; then
-  say "building the compiled op (cuda_ops): cached after the first build"
-  "$py" -m cuda_ops build
-fi
+say "building the compiled op (cuda_ops): cached after the first build"
+"$py" -m cuda_ops build
 say "done: $py"
