@@ -47,11 +47,17 @@ def labels_of(loader) -> list[int]:
     return [int(v) for _, y in loader for v in y]
 
 
-def wait_for_threads(count: int, timeout: float = 5.0) -> int:
+def new_threads(before: set[threading.Thread], allowed: int = 0,
+                timeout: float = 5.0) -> list[threading.Thread]:
+    """Threads alive now that were not in ``before``, once at most ``allowed`` remain or
+    ``timeout`` passes. Identities, not counts: a thread of an earlier test that ends meanwhile
+    must not hide one that leaks."""
     deadline = time.time() + timeout
-    while threading.active_count() > count and time.time() < deadline:
+    while True:
+        new = [t for t in threading.enumerate() if t not in before]
+        if len(new) <= allowed or time.time() >= deadline:
+            return new
         time.sleep(0.05)
-    return threading.active_count()
 
 
 def test_val_batches_are_the_stored_pixels_normalised(betons):
@@ -103,26 +109,26 @@ def test_order_reshuffles_every_epoch_and_resumes(betons):
 def test_process_cache_with_quasi_random_order(betons):
     """os_cache: false (data larger than RAM) starts page-reader threads per epoch."""
     loader = module(betons, os_cache=False, order="quasi_random").train_dataloader()
-    base = threading.active_count()
+    base = set(threading.enumerate())
     epochs = [labels_of(loader) for _ in range(2)]
     assert all(sorted(o) == list(range(N)) for o in epochs) and epochs[0] != epochs[1]
     held = iter(loader)
     next(held)
-    assert threading.active_count() > base
+    assert set(threading.enumerate()) - base
     loader.close()
-    assert wait_for_threads(base) == base
+    assert new_threads(base) == []
 
 
 def test_leaving_epochs_early_does_not_leak_threads(betons):
     loader = module(betons, batch_size=8).train_dataloader()
-    base = threading.active_count()
+    base = set(threading.enumerate())
     for _ in range(8):
         next(iter(loader))  # the iterator is dropped after one batch, as limit_*_batches does
-        assert wait_for_threads(base + 1) <= base + 1
+        assert len(new_threads(base, allowed=1)) <= 1
     held = iter(loader)
     next(held)
     loader.close()
-    assert wait_for_threads(base) == base
+    assert new_threads(base) == []
     with pytest.raises(StopIteration):
         next(held)
 
@@ -200,7 +206,7 @@ class Linear(pl.LightningModule):
     def __init__(self, num_classes: int, side: int):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * side * side, num_classes))
-        self.threads: list[int] = []
+        self.threads: list[set[threading.Thread]] = []
         self.batches: list = []
 
     def training_step(self, batch, idx):
@@ -213,7 +219,7 @@ class Linear(pl.LightningModule):
         self.log("val_acc", (self.net(x.float()).argmax(1) == y).float().mean())
 
     def on_train_epoch_start(self):
-        self.threads.append(threading.active_count())
+        self.threads.append(set(threading.enumerate()))
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=3e-3)
@@ -227,10 +233,11 @@ def trainer(**kw) -> pl.Trainer:
 def test_limited_batches_under_lightning_do_not_grow_threads(betons):
     dm = module(betons, batch_size=8)
     model = Linear(dm.num_classes, dm.image_size)
-    base = threading.active_count()
+    base = set(threading.enumerate())
     trainer(max_epochs=6, limit_train_batches=2, limit_val_batches=1).fit(model, dm)
-    assert len(set(model.threads)) == 1, model.threads  # without the fix: +2 threads per epoch
-    assert wait_for_threads(base) == base
+    started = [len(alive - base) for alive in model.threads]
+    assert len(set(started)) == 1, started  # without the fix: +2 threads per epoch
+    assert new_threads(base) == []
 
 
 def test_digits_train_under_lightning(data_dir):
