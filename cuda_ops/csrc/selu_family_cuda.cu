@@ -5,7 +5,8 @@
 // The dL/dlam reduction is deterministic and two-stage: each thread keeps a Kahan-compensated
 // partial sum (Algorithm 2), cub::BlockReduce combines a block's threads, each block writes its
 // partial to a buffer (no atomics), and one block adds those partials in a fixed order, in
-// float64. For a given tensor size and GPU the result is bitwise reproducible.
+// float64. For a given tensor size, GPU and pointer alignment (which picks the vector or the
+// scalar loop, and so how elements are split over threads) the result is bitwise reproducible.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -48,11 +49,13 @@ __device__ __forceinline__ double expm1_(double x) { return expm1(x); }
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
 
+// Kahan summation. Once the sum is infinite the compensation is dropped: (t - sum) - y would be
+// inf - inf = NaN, while the reference's plain sum stays +-inf.
 template <typename A>
 __device__ __forceinline__ void kahan_add(A& sum, A& comp, A term) {
   const A y = term - comp;
   const A t = sum + y;
-  comp = (t - sum) - y;
+  comp = isfinite(t) ? (t - sum) - y : A(0);
   sum = t;
 }
 

@@ -11,11 +11,14 @@ namespace selfnorm::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
+// Kahan summation per lane. A lane whose sum turns infinite drops its compensation: (t - sum) - y
+// would be inf - inf = NaN there, while the reference's plain sum stays +-inf.
 template <typename V>
 inline void kahan_add(V& sum, V& comp, const V& term) {
   const V y = term - comp;
   const V t = sum + y;
-  comp = (t - sum) - y;
+  const V zero(typename V::value_type(0));
+  comp = V::blendv(zero, (t - sum) - y, (t - t) == zero);  // (t - t) == 0: t is finite
   sum = t;
 }
 
