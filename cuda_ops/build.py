@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -66,13 +65,6 @@ def cuda_home() -> Path | None:
     return None
 
 
-def cuda_include_dirs() -> list[str]:
-    """Headers of the pip CUDA wheels (cusparse.h and friends), which torch's headers include."""
-    spec = importlib.util.find_spec("nvidia")
-    roots = list(spec.submodule_search_locations or []) if spec else []
-    return sorted(str(p) for root in roots for p in Path(root).glob("*/include") if p.is_dir())
-
-
 def arch_list() -> str:
     return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
 
@@ -120,7 +112,10 @@ class Plan:
 
 def plan(with_cuda: bool) -> Plan:
     sources = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
-    includes = (str(CSRC), *(cuda_include_dirs() if with_cuda else ()))
+    # Only the toolkit's own CUDA headers: the sources include c10/cuda and cub, not
+    # torch/extension.h, so the pip CUDA wheels' headers (possibly another minor version) are
+    # not needed and must not shadow nvcc's.
+    includes = (str(CSRC),)
     return Plan(with_cuda=with_cuda, sources=sources, cflags=CFLAGS,
                 cuda_cflags=CUDA_CFLAGS if with_cuda else (), ldflags=LDFLAGS,
                 arch_list=arch_list() if with_cuda else None, include_dirs=includes)

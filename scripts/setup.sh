@@ -10,7 +10,18 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 say() { printf '[setup] %s\n' "$*"; }
 
-apt_pkgs=(libopencv-dev libturbojpeg0-dev pkg-config ninja-build)
+# g++ builds ffcv and the op; Debian's own python3 also needs -venv (ensurepip) and -dev
+# (Python.h, for ffcv's extension); other Pythons (pyenv, conda, python.org) bring both.
+apt_pkgs=(libopencv-dev libturbojpeg0-dev pkg-config ninja-build g++)
+base_py="${PYTHON:-python3}"
+if ! command -v "$base_py" >/dev/null; then
+  apt_pkgs+=(python3 python3-venv python3-dev)
+else
+  "$base_py" -c 'import ensurepip' 2>/dev/null || apt_pkgs+=(python3-venv)
+  "$base_py" -c 'import os, sys, sysconfig
+sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
+    apt_pkgs+=(python3-dev)
+fi
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -28,11 +39,11 @@ fi
 
 venv="${SELFNORM_VENV:-$root/.venv}"
 if [ "$venv" = system ]; then
-  py="$(command -v python3 || command -v python)"
+  py="$(command -v "$base_py")"
 else
   if [ ! -x "$venv/bin/python" ]; then
     say "creating $venv"
-    "${PYTHON:-python3}" -m venv "$venv"
+    "$base_py" -m venv "$venv"
   fi
   py="$venv/bin/python"
 fi
@@ -54,5 +65,6 @@ else
 fi
 
 say "building the compiled op (cuda_ops): cached after the first build"
-"$py" -m cuda_ops build
+# SELFNORM_REQUIRE_CUDA=1 (the Docker image): fail unless the CUDA kernels compiled.
+"$py" -m cuda_ops build ${SELFNORM_REQUIRE_CUDA:+--require-cuda}
 say "done: $py"

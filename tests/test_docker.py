@@ -43,6 +43,7 @@ def test_installs_only_through_the_setup_script():
         assert "pip install" not in r and "apt-get install" not in r, r
     env = " ".join(rest for op, rest in instructions() if op == "ENV")
     assert "SELFNORM_PIP_EXTRA=--no-build-isolation" in env
+    assert "SELFNORM_REQUIRE_CUDA=1" in env  # a GPU image must not fall back to the reference
     assert "TORCH_CUDA_ARCH_LIST" in env
     assert (ROOT / "scripts" / "setup.sh").is_file()
 
@@ -52,6 +53,7 @@ def test_setup_script_builds_the_op_and_installs_system_packages():
     for pkg in ("libopencv-dev", "libturbojpeg0-dev", "pkg-config", "ninja-build"):
         assert pkg in script
     assert "-m cuda_ops build" in script
+    assert "${SELFNORM_REQUIRE_CUDA:+--require-cuda}" in script
     assert "${SELFNORM_PIP_EXTRA" in script
 
 
