@@ -5,7 +5,8 @@ Times forward and forward+backward of ``cuda_ops.selu_family`` (fixed and traina
 reference and ``torch.compile`` of the reference, on the paper's shape [512, 64, 56, 56] on CUDA
 (Appendix B, Table 3) or a smaller one on CPU. Reports the median time, the achieved bandwidth
 (forward moves 2 tensors, forward+backward 5) and its share of the measured copy bandwidth.
-Candidates are timed round-robin, so background load on a shared machine hits them alike.
+Candidates are timed round-robin, so background load on a shared machine hits them alike; on
+CUDA each sample is the mean of ``--inner`` back-to-back calls between two events.
 
 Targets: on CUDA, forward ≥ 85% of copy bandwidth and trainable-λ forward+backward ≤ 1.05×
 F.selu's; on CPU, no slower than F.selu.
@@ -40,23 +41,29 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or min(shape) < 1:
-        raise UserError(f"--shape {text!r} is not a list of positive sizes; write e.g. "
-                        f"--shape 32,64,56,56")
+        # argparse reports it as "argument --shape: ..." with exit code 2
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of positive sizes; write e.g. "
+                                         f"--shape 32,64,56,56")
     return shape
 
 
-def _timer(device) -> Callable[[Callable[[], object]], float]:
+def _timer(device, inner: int) -> Callable[[Callable[[], object]], float]:
     import torch
 
     if device.type == "cuda":
+        # `inner` calls back to back between two events, so the host's launch overhead (tens of
+        # µs of Python and dispatch per call) overlaps the previous call's kernels, as in a
+        # training step, instead of being counted as device time.
         def run(fn: Callable[[], object]) -> float:
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
+            fn()  # the first call's launch gap falls before the start event
             start.record()
-            fn()
+            for _ in range(inner):
+                fn()
             end.record()
             end.synchronize()
-            return start.elapsed_time(end) / 1e3
+            return start.elapsed_time(end) / 1e3 / inner
     else:
         def run(fn: Callable[[], object]) -> float:
             t0 = time.perf_counter()
@@ -150,6 +157,8 @@ def main(argv: list[str]) -> int:
                    help="parameters from the solver at ε = 0.06 (selu: fixed)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per candidate")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--inner", type=int, default=10,
+                   help="CUDA: calls per timed sample, back to back (their mean is the sample)")
     p.add_argument("--no-compile", action="store_true",
                    help="skip torch.compile of the reference (saves its compile time)")
     p.add_argument("--json", action="store_true", help="print one JSON object per dtype")
@@ -165,7 +174,9 @@ def main(argv: list[str]) -> int:
     device = torch.device("cuda" if use_cuda else "cpu")
     shape = args.shape or (PAPER_SHAPE if use_cuda else CPU_SHAPE)
     act = solve(args.act, eps=None if args.act == "selu" else 0.06)
-    timer = _timer(device)
+    if min(args.repeats, args.inner) < 1 or args.warmup < 0:
+        raise UserError("--repeats and --inner must be >= 1 and --warmup >= 0")
+    timer = _timer(device, args.inner)
 
     for dtype_name in args.dtype or ["float32", "bfloat16"]:
         dtype = getattr(torch, dtype_name)
