@@ -297,7 +297,10 @@ class NormalizationMonitor(L.Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, Tensor):
             self._pending.append(self._loss_flag(loss))
-        # before a checkpoint may be written, wait for every pending loss (rare, so cheap)
+        # Act on the previous step's loss, waiting for its copy if need be (the host stays at most
+        # one step ahead of the device, enough to keep it busy). Never "whatever copy has landed":
+        # that moment differs between ranks, which would then enter _diverged's collectives at
+        # different steps and hang DDP. Before a checkpoint may be written, wait for all.
         self._check_losses(trainer, wait=_checkpoint_due(trainer))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -400,12 +403,13 @@ class NormalizationMonitor(L.Callback):
         return self._step, host, event
 
     def _check_losses(self, trainer: L.Trainer, wait: bool) -> None:
-        """Act on every pending loss whose copy has landed (all of them when ``wait``)."""
+        """Act on every pending loss but the newest device copy (on all of them when ``wait``).
+        Which losses are acted on depends only on the step, so all ranks agree."""
         while self._pending:
             step, host, event = self._pending[0]
             if event is not None:
-                if not wait and not event.query():
-                    return  # look again after the next step; never stall the device
+                if not wait and len(self._pending) == 1:
+                    return  # this step's copy: look at it after the next step
                 event.synchronize()
             self._pending.popleft()
             bad, loss = host.tolist()

@@ -432,3 +432,42 @@ def test_ddp_ranks_stop_together_with_one_diagnostic_checkpoint(tmp_path, every_
     assert said["0"] == said["1"]  # the same step and verdict on both ranks
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [
         re.search(r"(diverged-step\d+\.ckpt)", said["0"])[1]]
+
+
+class _Copy:
+    """A device-to-host copy's event that has not landed: only ``synchronize`` may be used."""
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def query(self) -> bool:
+        raise AssertionError("acting on whichever copy has landed lets DDP ranks disagree")
+
+    def synchronize(self) -> None:
+        self.waited = True
+
+
+def test_device_losses_are_checked_one_step_late_whatever_has_landed():
+    """On a GPU each step's loss reaches the host asynchronously; the guard acts on the previous
+    step's (waiting for it), so the step it acts at is the same on every rank."""
+    mon = NormalizationMonitor(every_n_steps=10)
+    copies = [_Copy() for _ in range(3)]
+    for step, event in enumerate(copies):
+        mon._pending.append((step, torch.tensor([0.0, 1.5]), event))
+        mon._check_losses(trainer=None, wait=False)
+        assert [s for s, _, _ in mon._pending] == [step]  # only this step's copy is left
+        assert [c.waited for c in copies[:step + 1]] == [True] * step + [False]
+    mon._check_losses(trainer=None, wait=True)  # epoch end, checkpoints: every copy
+    assert not mon._pending and all(c.waited for c in copies)
+
+
+def test_a_bad_device_loss_stops_at_the_next_step(tmp_path, monkeypatch):
+    mon = NormalizationMonitor(every_n_steps=10)
+    stops = []
+    monkeypatch.setattr(mon, "_diverged", lambda trainer, step, what: stops.append((step, what)))
+    mon._pending.append((4, torch.tensor([1.0, float("nan")]), _Copy()))
+    mon._check_losses(trainer=None, wait=False)
+    assert stops == []  # step 4's own batch end: not yet
+    mon._pending.append((5, torch.tensor([0.0, 2.0]), _Copy()))
+    mon._check_losses(trainer=None, wait=False)
+    assert stops == [(4, "loss = nan")]
