@@ -193,9 +193,10 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # the LR this step trains with (the scheduler steps after the optimizer)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
-                 on_epoch=False, batch_size=1)
+        # The LR this step trains with (the scheduler steps after the optimizer). A CPU tensor:
+        # Lightning would turn a float into a tensor on the GPU, a blocking copy every step.
+        lr = torch.tensor(float(self.trainer.optimizers[0].param_groups[0]["lr"]))
+        self.log("lr", lr, on_step=True, on_epoch=False, batch_size=1)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._shared_step(batch, self.val_metrics, "val")

@@ -230,6 +230,22 @@ def test_bench_train_runs_both_configs_and_reports_the_ratio(tmp_path, capsys):
         train.main(["--device", "cpu", "--modes", "eager,jit"])
 
 
+def test_bench_train_refuses_to_time_the_reference_as_the_op(monkeypatch):
+    import dataclasses
+
+    import cuda_ops
+    from app.bench import train
+
+    monkeypatch.setattr(cuda_ops, "status", dataclasses.replace(
+        cuda_ops.status, cpu="fallback", reason="no C++ compiler found"))
+    with pytest.raises(UserError, match=r"sSELU op is not built for cpu \(no C\+\+ compiler"):
+        train.main(["--device", "cpu", "--steps", "1", "--repeats", "1"])
+    # BN+ReLU alone does not need the op
+    assert train.main(["--device", "cpu", "--configs", "bn_relu", "--image-size", "16",
+                       "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                       "--repeats", "1"]) == 0
+
+
 # ---- mixup -----------------------------------------------------------------------------------
 
 def _indexed_batch(n: int = 8, size: int = 6) -> tuple[torch.Tensor, torch.Tensor]:

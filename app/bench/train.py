@@ -9,7 +9,8 @@ model is measured. Two models of the same shape:
 * ``bn_relu``: BatchNorm + ReLU, the baseline.
 
 each eager and, with ``--modes eager,compile``, under ``torch.compile``. On CUDA the default is
-the paper's 224×224, bf16-mixed, channels_last, batch 256; on CPU a small shape. Candidates are
+the paper's 224×224, bf16-mixed, channels_last, batch 256, cuDNN autotuning on (as the ImageNet
+configs train); on CPU a small shape. sSELU runs the compiled op (an error if it is not built). Candidates are
 timed round-robin in windows of ``--steps`` steps, so background load hits them alike; the
 median window counts. Target (seed note: "dropping BatchNorm means a big training speed-up"):
 sselu ≥ 1.15× bn_relu images/s on an H100/H200.
@@ -98,6 +99,16 @@ def _settings(args: argparse.Namespace):
         raise UserError("--warmup must be ≥ 0 and --width-mult positive.")
     args.modes = _choices(args.modes, MODES, "--modes")
     args.configs = _choices(args.configs, CONFIGS, "--configs")
+    if "sselu" in args.configs:
+        import cuda_ops
+
+        built = cuda_ops.status.cuda if name == "cuda" else cuda_ops.status.cpu
+        if built != "compiled":  # the figure would time the Python reference, not the op
+            raise UserError(f"the compiled sSELU op is not built for {name} "
+                            f"({cuda_ops.status.reason}); run `python -m cuda_ops build"
+                            f"{' --require-cuda' if name == 'cuda' else ''}` first.")
+    if name == "cuda":
+        torch.backends.cudnn.benchmark = True  # as training does (trainer.benchmark), for both
     return torch.device(name)
 
 
@@ -142,7 +153,7 @@ def describe(device) -> str:
     import torch
 
     if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
+        return f"cuda: {torch.cuda.get_device_name(device)}, cudnn.benchmark on"
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
