@@ -2,8 +2,9 @@
 
 Used from LightningCLI configs as ``class_path: data.FFCVImageDataModule``. The recipe follows
 ffcv-imagenet: RandomResizedCrop decoder + flip for train, CenterCrop (ratio 224/256) for val,
-uint8 → device (non_blocking) → channels_last → normalised on the GPU in the training dtype
-(on the CPU, normalised in ffcv's compiled threads before ToTensor; see ``data.pipelines``).
+uint8 → device (non_blocking) → channels_last → normalised on the GPU in the training dtype and
+the ``channels_last`` layout asked for (on the CPU, normalised in ffcv's compiled threads before
+ToTensor; see ``data.pipelines``).
 ``num_classes`` and ``image_size`` are known right after ``__init__`` so the app can link them to
 the model, even before the .beton files exist.
 """
@@ -364,8 +365,8 @@ class FFCVImageDataModule(LightningDataModule):
                 side = self.train_resolution(e)
                 decoder.output_size = (side, side)
         stats = {} if pipelines.normalized_on_host(device) else {"mean": self.mean, "std": self.std}
-        return FFCVLoader(loader, device=device, dtype=dtype, epoch=epoch, before_epoch=before,
-                          **stats)
+        return FFCVLoader(loader, device=device, dtype=dtype, channels_last=self.channels_last,
+                          epoch=epoch, before_epoch=before, **stats)
 
     def _check_fixed_size(self, path: Path, side: int) -> None:
         from data.sidecar import beton_image_sizes

@@ -14,6 +14,8 @@
 * ffcv's ``Compiler.set_num_threads`` also calls ``torch.set_num_threads(num_workers)``, from its
   producer thread too, which silently caps torch's pool for the training step (matmuls 2×
   slower measured with ``num_workers=1`` on 2 cores); only its numba part is kept.
+* ffcv writes each batch on side CUDA streams of its own: leaving an epoch early makes the
+  batch buffers' stream wait on them before the buffers can be freed and reused.
 * ffcv's OS-cache reader marks numba's shared, interned ``uint8[::1]`` type read-only by
   mutating it, which corrupts numba's dispatcher tables ("Exception ignored ... KeyError" each
   time a loader is freed); the same reader is compiled with a read-only type of its own.
@@ -57,7 +59,8 @@ _patch_ffcv()
 
 
 def stop_epoch(it, timeout: float = 60.0) -> None:
-    """Stop an ffcv EpochIterator for good and wait until its threads have ended."""
+    """Stop an ffcv EpochIterator for good, wait until its threads have ended and order its
+    pending CUDA copies before any reuse of its buffers."""
     it.iter_ixes = iter(())  # the producer takes no further batch after the one in flight
     it.terminate_event.set()
     if sys.is_finalizing():
@@ -72,29 +75,57 @@ def stop_epoch(it, timeout: float = 60.0) -> None:
     # os_cache=False: the epoch's page readers end on the stop marks close() just queued.
     for reader in getattr(getattr(it.memory_context, "executor", None), "threads", ()):
         reader.join()
+    wait_for_streams(it)
+
+
+def wait_for_streams(it) -> None:
+    """Order the stream that owns ``it``'s batch buffers after ffcv's side streams.
+
+    ffcv copies each batch on a side stream (one per buffer slot) without ``record_stream``
+    and only syncs a slot when its batch is taken: batches left in the queue or in flight
+    could still be written after the iterator drops its buffers and the caching allocator
+    hands them out again. The buffers were allocated on ``it.current_stream`` (the current
+    stream when the epoch began; ffcv syncs its batches to it). No-op without CUDA (ffcv then
+    keeps ``None`` streams).
+    """
+    streams = [s for s in getattr(it, "cuda_streams", ()) if s is not None]
+    if not streams:
+        return
+    owner = getattr(it, "current_stream", None)
+    if owner is None:
+        owner = torch.cuda.current_stream()
+    for stream in streams:
+        owner.wait_stream(stream)
 
 
 class FFCVLoader:
     """Iterable of ``(images, labels)``: images normalised ``(x/255 − mean)/std`` in ``dtype``
-    on ``device`` (channels_last as the pipeline made them), labels int64 on ``device``.
+    on ``device``, in channels_last memory format or contiguous (NCHW) as ``channels_last``
+    says; labels int64 on ``device``.
 
     With ``mean``/``std`` the pipeline delivers uint8 images that are normalised here (on the
-    GPU); without, it already normalised them (on the CPU) and they are only copied out.
+    GPU), in float32 (float64 for float64) and rounded once to ``dtype``; without, it already
+    normalised them (on the CPU) and they are only copied out.
     ``epoch()`` gives the epoch whose order the next iteration uses (default: count the
     iterations, as ffcv does); ``before_epoch(epoch)`` runs first (progressive resizing).
     """
 
     def __init__(self, loader, *, device: torch.device, dtype: torch.dtype = torch.float32,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 epoch: Callable[[], int] | None = None,
+                 channels_last: bool = True, epoch: Callable[[], int] | None = None,
                  before_epoch: Callable[[int], None] | None = None):
         self.loader = loader
         self.device = device
         self.dtype = dtype
-        self._shift = self._scale = None
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._shift: Tensor | None = None
+        self._scale: Tensor | None = None
         if mean is not None and std is not None:
+            # Kept in float32 at least: in bf16 the ImageNet shift 123.675 would be 123.5.
+            work = torch.promote_types(dtype, torch.float32)
+
             def channels(values: list[float]) -> Tensor:
-                return torch.tensor(values, device=device).view(1, -1, 1, 1).to(dtype)
+                return torch.tensor(values, dtype=work, device=device).view(1, -1, 1, 1)
 
             self._shift = channels([255.0 * m for m in mean])
             self._scale = channels([1.0 / (255.0 * s) for s in std])
@@ -134,10 +165,20 @@ class FFCVLoader:
             self._stop(it)
 
     def normalize(self, images: Tensor) -> Tensor:
-        """A new tensor the caller owns (ffcv reuses the one it returned)."""
-        if self._shift is None:
-            return images.to(self.dtype, copy=True)
-        return images.to(self.dtype).sub_(self._shift).mul_(self._scale)
+        """A new tensor the caller owns (ffcv reuses the one it returned), in ``dtype`` and the
+        requested memory format."""
+        if self._shift is None:  # normalised by the pipeline, which also made the layout
+            return images.to(self.dtype, memory_format=self.memory_format, copy=True)
+        assert self._scale is not None
+        # Two passes over the batch: ``sub`` reads the uint8 pixels, promoting them as it goes,
+        # into a new tensor whose layout is the requested one; ``mul`` writes the result in
+        # ``dtype``, rounding the float32 arithmetic once.
+        work = torch.empty(images.shape, dtype=self._shift.dtype, device=images.device,
+                           memory_format=self.memory_format)
+        torch.sub(images, self._shift, out=work)
+        if work.dtype == self.dtype:
+            return work.mul_(self._scale)
+        return torch.mul(work, self._scale, out=torch.empty_like(work, dtype=self.dtype))
 
     def _stop(self, it) -> None:
         stop_epoch(it)

@@ -3,9 +3,9 @@
 A recipe names the decode and augmentation steps for the train and val splits; the rest of the
 pipeline is shared and depends on the device:
 
-* CUDA: ToTensor → ToDevice (non_blocking) → ToTorchImage (channels_last); the uint8 batch is
-  normalised in torch on the GPU, in the training dtype (``data.loader``), which also avoids
-  ffcv's cupy import for GPU normalisation.
+* CUDA: ToTensor → ToDevice (non_blocking) → ToTorchImage (channels_last, always); the uint8
+  batch is normalised in torch on the GPU, into the training dtype and the requested memory
+  format (``data.loader``), which also avoids ffcv's cupy import for GPU normalisation.
 * CPU: NormalizeImage *before* ToTensor, in ffcv's compiled producer threads, overlapping the
   training step (1.3-1.9× the images/s of normalising in torch afterwards, measured on 2
   cores); after ToTorchImage it would hang the Loader's constructor (ffcv #396).
@@ -96,16 +96,20 @@ def normalized_on_host(device: torch.device) -> bool:
 def image_pipeline(steps: list, device: torch.device, channels_last: bool,
                    mean: Sequence[float], std: Sequence[float], dtype: torch.dtype) -> list:
     """``steps`` (decoder + augmentations) followed by the move to a (B, C, H, W) tensor:
-    uint8 on CUDA (copied with ``non_blocking`` from pinned memory; ``ToDevice`` needs a
-    ``torch.device``, not a string), normalised ``dtype`` on the CPU."""
+    uint8 channels_last on CUDA (copied with ``non_blocking`` from pinned memory; ``ToDevice``
+    needs a ``torch.device``, not a string), normalised ``dtype`` in the ``channels_last``
+    layout on the CPU."""
     from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
 
     if normalized_on_host(device):
         host = HOST_DTYPES.get(dtype, np.float32)
         norm = NormalizeImage(255.0 * np.asarray(mean), 255.0 * np.asarray(std), host)
         return [*steps, norm, ToTensor(), ToTorchImage(channels_last=channels_last)]
+    # channels_last=True whatever is asked: it is a free view of ToDevice's GPU buffer, while
+    # ffcv 1.0.2's channels_last=False copies into a buffer allocated without a device, i.e.
+    # pinned CPU memory. FFCVLoader makes the requested layout as it normalises.
     return [*steps, ToTensor(), ToDevice(device, non_blocking=True),
-            ToTorchImage(channels_last=channels_last)]
+            ToTorchImage(channels_last=True)]
 
 
 def label_pipeline(device: torch.device) -> list:

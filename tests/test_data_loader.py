@@ -78,6 +78,121 @@ def test_val_batches_are_the_stored_pixels_normalised(betons):
     assert seen == N  # the last, partial val batch is kept
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_layout_follows_channels_last(betons, dtype):
+    """On the CPU the pipeline itself makes the layout; the values do not depend on it."""
+    nhwc, nchw = (torch.cat([x for x, _ in module(betons, augment="pad_crop", channels_last=cl)
+                             .build_loader("val", dtype=dtype)]) for cl in (True, False))
+    batch = next(iter(module(betons, augment="pad_crop", channels_last=False)
+                      .build_loader("val", dtype=dtype)))[0]
+    assert batch.dtype == dtype and batch.is_contiguous()
+    assert not batch.is_contiguous(memory_format=torch.channels_last)
+    batch = next(iter(module(betons, augment="pad_crop").build_loader("val", dtype=dtype)))[0]
+    assert batch.is_contiguous(memory_format=torch.channels_last) and not batch.is_contiguous()
+    assert torch.equal(nhwc, nchw)
+
+
+def test_cuda_pipeline_allocates_nothing_off_the_device():
+    """ffcv 1.0.2's ToTorchImage(channels_last=False) allocates its output without a device:
+    after ToDevice that copied every batch back to pinned CPU memory (the demo's crash)."""
+    from ffcv.pipeline.state import State
+
+    from data.pipelines import image_pipeline
+
+    cuda = torch.device("cuda")
+    for channels_last in (True, False):
+        state = State(jit_mode=True, device=torch.device("cpu"), shape=(16, 16, 3),
+                      dtype=np.dtype("uint8"))  # a decoder's output
+        for op in image_pipeline([], cuda, channels_last, (0.5,) * 3, (0.25,) * 3,
+                                 torch.float32):
+            on_device = state.device == cuda
+            state, alloc = op.declare_state_and_memory(state)
+            assert alloc is None or not on_device or alloc.device == cuda, (op, alloc)
+        assert state.device == cuda and state.shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_device_normalisation_run_on_the_cpu(betons, monkeypatch, channels_last):
+    """The CUDA pipeline (uint8 moved by ToDevice, channels_last view, normalised by
+    FFCVLoader) run on the CPU: the layout asked for, and the host-normalised values."""
+    from data import pipelines
+
+    dm = module(betons, augment="pad_crop", channels_last=channels_last)
+    dm.setup("validate")
+    ref = torch.cat([x for x, _ in dm.build_loader("val")])
+    monkeypatch.setattr(pipelines, "normalized_on_host", lambda device: False)
+    loader = dm.build_loader("val")
+    assert loader._shift is not None  # the pipeline delivers uint8, FFCVLoader normalises
+    batches = list(loader)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert all(x.dtype == torch.float32 and x.is_contiguous(memory_format=layout)
+               for x, _ in batches)
+    assert torch.cat([y for _, y in batches]).tolist() == list(range(N))
+    torch.testing.assert_close(torch.cat([x for x, _ in batches]), ref, atol=1e-5, rtol=1e-6)
+
+
+def uint8_batch() -> torch.Tensor:
+    """Every pixel value in every channel, as ffcv's ToTorchImage hands them over: a
+    channels_last view of an NHWC buffer."""
+    nhwc = torch.arange(2 * 8 * 16 * 3).remainder(256).to(torch.uint8).view(2, 8, 16, 3)
+    return nhwc.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_normalize_rounds_once_to_the_training_dtype(channels_last):
+    from data.loader import FFCVLoader
+    from data.pipelines import IMAGENET_MEAN, IMAGENET_STD
+
+    images = uint8_batch()
+    want = ((images.double() - 255 * torch.tensor(IMAGENET_MEAN, dtype=torch.float64)
+             .view(1, 3, 1, 1)) / (255 * torch.tensor(IMAGENET_STD, dtype=torch.float64)
+                                   .view(1, 3, 1, 1)))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def normalize(dtype: torch.dtype) -> torch.Tensor:
+        loader = FFCVLoader(None, device=torch.device("cpu"), dtype=dtype, mean=IMAGENET_MEAN,
+                            std=IMAGENET_STD, channels_last=channels_last)
+        out = loader.normalize(images)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=layout)
+        assert out.untyped_storage().data_ptr() != images.untyped_storage().data_ptr()
+        return out
+
+    f32 = normalize(torch.float32)
+    torch.testing.assert_close(f32.double(), want, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(normalize(torch.float64), want, atol=1e-12, rtol=1e-12)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(normalize(dtype), f32.to(dtype))  # the float32 result, rounded once
+    # Arithmetic in bf16 (123.675 → 123.5) would not pass the check above for these pixels.
+    shift = (255 * torch.tensor(IMAGENET_MEAN)).view(1, 3, 1, 1).bfloat16()
+    scale = (1 / (255 * torch.tensor(IMAGENET_STD))).view(1, 3, 1, 1).bfloat16()
+    assert not torch.equal(images.bfloat16().sub_(shift).mul_(scale), f32.bfloat16())
+
+
+class FakeStream:
+    def __init__(self):
+        self.waited: list[FakeStream] = []
+
+    def wait_stream(self, other: "FakeStream") -> None:
+        self.waited.append(other)
+
+
+def test_stopping_an_epoch_orders_the_buffers_stream_after_ffcvs(monkeypatch):
+    """ffcv fills its buffers on side streams: dropping them early must not let the caching
+    allocator reuse them before those copies end. Without CUDA, ffcv's streams are None."""
+    from types import SimpleNamespace
+
+    from data.loader import wait_for_streams
+
+    def no_cuda():
+        raise AssertionError("CUDA touched for an iterator without streams")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", no_cuda)
+    wait_for_streams(SimpleNamespace(cuda_streams=[None, None, None]))
+    owner, side = FakeStream(), [FakeStream(), FakeStream()]
+    wait_for_streams(SimpleNamespace(cuda_streams=side, current_stream=owner))
+    assert owner.waited == side
+
+
 def test_training_dtypes_on_the_cpu(betons):
     dm = module(betons, augment="pad_crop")
     dm.setup("validate")
@@ -270,6 +385,49 @@ def test_cuda_batches_are_normalised_on_the_device(betons):
     train = dm.build_loader("train", device=torch.device("cuda"))
     assert sorted(int(v) for _, b in train for v in b) == list(range(N))
     assert dm.transfer_batch_to_device(batches[0], torch.device("cuda", 0), 0) is batches[0]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_batches_in_nchw(betons, dtype):
+    """channels_last: false (the demo's setting) on the GPU: NCHW batches on the device."""
+    dm = module(betons, augment="pad_crop", channels_last=False)
+    dm.setup("fit")
+    cpu = torch.cat([x for x, _ in dm.build_loader("val")])
+    batches = list(dm.build_loader("val", device=torch.device("cuda"), dtype=dtype))
+    for x, y in batches:
+        assert x.device.type == "cuda" and y.device.type == "cuda" and x.dtype == dtype
+        assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.cat([y for _, y in batches]).tolist() == list(range(N))
+    x = torch.cat([b for b, _ in batches]).float().cpu()
+    tol = dict(atol=1e-5, rtol=1e-6) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(x, cpu, **tol)
+    train = dm.build_loader("train", device=torch.device("cuda"), dtype=dtype)
+    x, _ = next(iter(train))
+    assert x.device.type == "cuda" and x.is_contiguous()
+    train.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_epoch_left_early_waits_for_ffcvs_streams(betons):
+    """Work still queued on ffcv's side streams holds back the stream that owns the buffers."""
+    from data.loader import stop_epoch
+
+    loader = module(betons, augment="pad_crop").build_loader("val", device=torch.device("cuda"))
+    it = iter(loader.loader)
+    next(it)
+    assert all(s is not None for s in it.cuda_streams)
+    with torch.cuda.stream(it.cuda_streams[0]):
+        torch.cuda._sleep(10_000_000_000)  # a batch copy still in flight (~5 s)
+    stop_epoch(it)
+    after = torch.cuda.Event()
+    after.record(it.current_stream)
+    assert not after.query()  # ordered after the side stream's work, which has not ended
+    after.synchronize()
+    assert it.cuda_streams[0].query()
+    loader.close()
 
 
 def test_global_batch_size_is_split_over_the_devices(betons):
