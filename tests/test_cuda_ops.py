@@ -406,13 +406,11 @@ print(cuda_ops.info()["cpu"], cuda_ops.info()["cuda"])
 
 def test_build_require_cuda_fails_without_the_cuda_kernels(tmp_path):
     """GPU images and GPU test runs use --require-cuda: no silent fallback to the reference."""
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"),
-           "SELFNORM_OPS_DIR": str(tmp_path)}
-    plain = subprocess.run([sys.executable, "-m", "cuda_ops", "build"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
+    no_toolchain = dict(CXX=str(tmp_path / "no-such-compiler"), SELFNORM_OPS_DIR=str(tmp_path))
+    build = "import sys; from cuda_ops.__main__ import main; sys.exit(main({}))"
+    plain = _run(build.format(["build"]), **no_toolchain)
     assert plain.returncode == 0, plain.stderr  # no toolchain: the documented fallback
-    strict = subprocess.run([sys.executable, "-m", "cuda_ops", "build", "--require-cuda"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    strict = _run(build.format(["build", "--require-cuda"]), **no_toolchain)
     assert strict.returncode == 1
     line = strict.stderr.strip().splitlines()[-1]
     assert line.startswith("error: the CUDA kernels are ") and "no C++ compiler" in line

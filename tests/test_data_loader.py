@@ -81,15 +81,15 @@ def test_val_batches_are_the_stored_pixels_normalised(betons):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_layout_follows_channels_last(betons, dtype):
     """On the CPU the pipeline itself makes the layout; the values do not depend on it."""
-    nhwc, nchw = (torch.cat([x for x, _ in module(betons, augment="pad_crop", channels_last=cl)
-                             .build_loader("val", dtype=dtype)]) for cl in (True, False))
-    batch = next(iter(module(betons, augment="pad_crop", channels_last=False)
-                      .build_loader("val", dtype=dtype)))[0]
-    assert batch.dtype == dtype and batch.is_contiguous()
-    assert not batch.is_contiguous(memory_format=torch.channels_last)
-    batch = next(iter(module(betons, augment="pad_crop").build_loader("val", dtype=dtype)))[0]
-    assert batch.is_contiguous(memory_format=torch.channels_last) and not batch.is_contiguous()
-    assert torch.equal(nhwc, nchw)
+    nhwc, nchw = ([x for x, _ in module(betons, augment="pad_crop", channels_last=cl)
+                   .build_loader("val", dtype=dtype)] for cl in (True, False))
+    for batch in nchw:
+        assert batch.dtype == dtype and batch.is_contiguous()
+        assert not batch.is_contiguous(memory_format=torch.channels_last)
+    for batch in nhwc:
+        assert batch.dtype == dtype and not batch.is_contiguous()
+        assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(torch.cat(nhwc), torch.cat(nchw))
 
 
 def test_cuda_pipeline_allocates_nothing_off_the_device():

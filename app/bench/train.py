@@ -10,10 +10,10 @@ model is measured. Two models of the same shape:
 
 each eager and, with ``--modes eager,compile``, under ``torch.compile``. On CUDA the default is
 the paper's 224×224, bf16-mixed, channels_last, batch 256, cuDNN autotuning on (as the ImageNet
-configs train); on CPU a small shape. sSELU runs the compiled op (an error if it is not built). Candidates are
-timed round-robin in windows of ``--steps`` steps, so background load hits them alike; the
-median window counts. Target (seed note: "dropping BatchNorm means a big training speed-up"):
-sselu ≥ 1.15× bn_relu images/s on an H100/H200.
+configs train); on CPU a small shape. sSELU runs the compiled op (an error if it is not built).
+Candidates are timed round-robin in windows of ``--steps`` steps, so background load hits them
+alike; the median window counts. Target (seed note: "dropping BatchNorm means a big training
+speed-up"): sselu ≥ 1.15× bn_relu images/s on an H100/H200.
 """
 from __future__ import annotations
 
@@ -107,8 +107,6 @@ def _settings(args: argparse.Namespace):
             raise UserError(f"the compiled sSELU op is not built for {name} "
                             f"({cuda_ops.status.reason}); run `python -m cuda_ops build"
                             f"{' --require-cuda' if name == 'cuda' else ''}` first.")
-    if name == "cuda":
-        torch.backends.cudnn.benchmark = True  # as training does (trainer.benchmark), for both
     return torch.device(name)
 
 
@@ -153,7 +151,8 @@ def describe(device) -> str:
     import torch
 
     if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}, cudnn.benchmark on"
+        autotune = "on" if torch.backends.cudnn.benchmark else "off"
+        return f"cuda: {torch.cuda.get_device_name(device)}, cudnn.benchmark {autotune}"
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
@@ -162,6 +161,8 @@ def run(args: argparse.Namespace) -> tuple[str, list[Result]]:
     import torch
 
     device = _settings(args)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as training does (trainer.benchmark), for both
     cands = [(c, m) for m in args.modes for c in args.configs]
     steps, peak = {}, {}
     for cand in cands:  # build and warm up (compile) each, then time round-robin
