@@ -21,6 +21,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -70,6 +71,30 @@ def _accuracy(num_classes: int, prefix: str) -> MetricCollection:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
+
+
+def watch_cpu_bf16_strided_width_1(model: torch.nn.Module) -> list[Any]:
+    """Hooks that warn (once) if a conv meets a oneDNN bug under CPU bf16 autocast.
+
+    Seen with torch 2.14.1 (oneDNN 3.12) on AVX-512 CPUs: the weight gradient of a conv with
+    kernel and stride widths > 1 over a 1-pixel-wide map is garbage (up to inf/NaN, from
+    uninitialized memory); float32 and wider maps are exact. Conv MobileNet V1 meets it on
+    inputs below 32 px, where its last stride-2 conv sees a 1×1 map. Returns the hook handles
+    (remove them after one forward: shapes do not change within a run).
+    """
+    warned = False
+
+    def check(conv: torch.nn.Module, args: tuple) -> None:
+        nonlocal warned
+        if not warned and args[0].shape[-1] == 1 and torch.is_autocast_enabled("cpu"):
+            warned = True
+            rank_zero_warn(
+                f"bf16-mixed on the CPU: a stride-{conv.stride[1]} conv sees a 1-pixel-wide "
+                "map, where oneDNN computes wrong weight gradients; train with precision "
+                "32-true or larger inputs (≥ 32 px for conv_mobilenet_v1).")
+
+    return [m.register_forward_pre_hook(check) for m in model.modules()
+            if isinstance(m, torch.nn.Conv2d) and m.stride[1] > 1 and m.kernel_size[1] > 1]
 
 
 def _with_input_size(model_kwargs: dict[str, Any] | None, key: str, value: int) -> dict:
@@ -148,6 +173,7 @@ class ClassifierModule(L.LightningModule):
         if compile:
             self.model.compile()  # in place: state-dict keys stay those of the eager model
         self.batch_mixer: BatchMixer | None = None
+        self._shape_hooks: list[Any] = []
         self.train_metrics = _accuracy(num_classes, "train")
         self.val_metrics = _accuracy(num_classes, "val")
         self.test_metrics = _accuracy(num_classes, "test")
@@ -191,6 +217,15 @@ class ClassifierModule(L.LightningModule):
                  batch_size=x.shape[0])
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=x.shape[0])
         return loss
+
+    def on_train_start(self) -> None:
+        if self.device.type == "cpu" and str(self.trainer.precision).startswith("bf16"):
+            self._shape_hooks = watch_cpu_bf16_strided_width_1(self.model)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        for h in self._shape_hooks:
+            h.remove()
+        self._shape_hooks = []
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The LR this step trains with (the scheduler steps after the optimizer). A CPU tensor:

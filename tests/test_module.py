@@ -90,9 +90,34 @@ def test_bf16_mixed_and_channels_last_train_with_finite_loss():
     assert module.model.features[1].conv.weight.is_contiguous(
         memory_format=torch.channels_last)
     trainer = _trainer(max_steps=3, precision="bf16-mixed")
-    trainer.fit(module, DataLoader(_images(96), batch_size=32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, DataLoader(_images(96, size=32), batch_size=32))
+    assert not [w for w in caught if "1-pixel-wide" in str(w.message)]  # 32 px: no bug met
     assert math.isfinite(trainer.callback_metrics["train/loss"].item())
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def _forward_pre_hooks(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) for m in module.modules())
+
+
+@pytest.mark.parametrize("precision,warns", [("bf16-mixed", True), ("32-true", False)])
+def test_cpu_bf16_warns_where_a_strided_conv_sees_a_1_pixel_map(precision, warns):
+    # At 16 px the last stride-2 conv of Conv MobileNet V1 sees 1×1, where oneDNN's bf16
+    # weight gradient is garbage on AVX-512 CPUs (the flaky NaN this test's sibling once had).
+    torch.manual_seed(0)
+    module = ImageClassifier(num_classes=10, **DEMO)
+    hooks = _forward_pre_hooks(module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(max_steps=2, precision=precision).fit(
+            module, DataLoader(_images(64, size=16), batch_size=32))
+    messages = [str(w.message) for w in caught if "1-pixel-wide" in str(w.message)]
+    assert len(messages) == (1 if warns else 0), messages
+    if warns:
+        assert "stride-2 conv" in messages[0] and "32-true" in messages[0]
+    assert _forward_pre_hooks(module) == hooks  # the check runs once, then is gone
 
 
 @pytest.mark.slow
