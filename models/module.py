@@ -79,8 +79,8 @@ def watch_cpu_bf16_strided_width_1(model: torch.nn.Module) -> list[Any]:
     Seen with torch 2.14.1 (oneDNN 3.12) on AVX-512 CPUs: the weight gradient of a conv with
     kernel and stride widths > 1 over a 1-pixel-wide map is garbage (up to inf/NaN, from
     uninitialized memory); float32 and wider maps are exact. Conv MobileNet V1 meets it on
-    inputs below 32 px, where its last stride-2 conv sees a 1×1 map. Returns the hook handles
-    (remove them after one forward: shapes do not change within a run).
+    inputs of 16 px or less, where its last stride-2 conv sees a 1×1 map. Returns the hook
+    handles (remove them after one forward: shapes do not change within a run).
     """
     warned = False
 
@@ -91,7 +91,7 @@ def watch_cpu_bf16_strided_width_1(model: torch.nn.Module) -> list[Any]:
             rank_zero_warn(
                 f"bf16-mixed on the CPU: a stride-{conv.stride[1]} conv sees a 1-pixel-wide "
                 "map, where oneDNN computes wrong weight gradients; train with precision "
-                "32-true or larger inputs (≥ 32 px for conv_mobilenet_v1).")
+                "32-true or larger inputs (> 16 px for conv_mobilenet_v1).")
 
     return [m.register_forward_pre_hook(check) for m in model.modules()
             if isinstance(m, torch.nn.Conv2d) and m.stride[1] > 1 and m.kernel_size[1] > 1]
