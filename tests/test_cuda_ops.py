@@ -184,7 +184,10 @@ def _compile_matches_eager(backend: str, device: str, trainable: bool) -> None:
     (out ** 2).sum().backward()
     torch.testing.assert_close(out, model(x))
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, eager[name], rtol=1e-5, atol=1e-6, msg=name)
+        # atol on the gradient's scale: the convs' float32 sums run in an order that depends on
+        # the CPU's ISA (2e-7 of the largest entry differs on AVX2 even with nn.SELU).
+        atol = 1e-5 * eager[name].abs().max().item()
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-5, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
