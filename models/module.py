@@ -20,8 +20,9 @@ from typing import Any, Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -73,25 +74,26 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-def watch_cpu_bf16_strided_width_1(model: torch.nn.Module) -> list[Any]:
-    """Hooks that warn (once) if a conv meets a oneDNN bug under CPU bf16 autocast.
+def watch_cpu_bf16_strided_width_1(model: torch.nn.Module) -> list[RemovableHandle]:
+    """Hooks that warn (once) if a conv meets a oneDNN bug; install them for CPU bf16 only.
 
-    Seen with torch 2.14.1 (oneDNN 3.12) on AVX-512 CPUs: the weight gradient of a conv with
-    kernel and stride widths > 1 over a 1-pixel-wide map is garbage (up to inf/NaN, from
-    uninitialized memory); float32 and wider maps are exact. Conv MobileNet V1 meets it on
-    inputs of 16 px or less, where its last stride-2 conv sees a 1×1 map. Returns the hook
-    handles (remove them after one forward: shapes do not change within a run).
+    Seen with torch 2.14.1 (oneDNN 3.12) on AVX-512 CPUs: the bf16 weight gradient (bf16-mixed
+    and bf16-true alike) of a conv with kernel and stride widths > 1 over a 1-pixel-wide map is
+    garbage (up to inf/NaN, from uninitialized memory); float32 and wider maps are exact. Conv
+    MobileNet V1 meets it on inputs of 16 px or less, where its last stride-2 conv sees a 1×1
+    map. Returns the hook handles (remove them after one forward: shapes do not change within
+    a run).
     """
     warned = False
 
     def check(conv: torch.nn.Module, args: tuple) -> None:
         nonlocal warned
-        if not warned and args[0].shape[-1] == 1 and torch.is_autocast_enabled("cpu"):
+        if not warned and args[0].shape[-1] == 1:
             warned = True
             rank_zero_warn(
-                f"bf16-mixed on the CPU: a stride-{conv.stride[1]} conv sees a 1-pixel-wide "
-                "map, where oneDNN computes wrong weight gradients; train with precision "
-                "32-true or larger inputs (> 16 px for conv_mobilenet_v1).")
+                f"bf16 on the CPU: a stride-{conv.stride[1]} conv sees a 1-pixel-wide map, "
+                "where oneDNN computes wrong weight gradients; train with precision 32-true "
+                "or larger inputs (> 16 px for conv_mobilenet_v1).")
 
     return [m.register_forward_pre_hook(check) for m in model.modules()
             if isinstance(m, torch.nn.Conv2d) and m.stride[1] > 1 and m.kernel_size[1] > 1]
@@ -173,7 +175,7 @@ class ClassifierModule(L.LightningModule):
         if compile:
             self.model.compile()  # in place: state-dict keys stay those of the eager model
         self.batch_mixer: BatchMixer | None = None
-        self._shape_hooks: list[Any] = []
+        self._shape_hooks: list[RemovableHandle] = []
         self.train_metrics = _accuracy(num_classes, "train")
         self.val_metrics = _accuracy(num_classes, "val")
         self.test_metrics = _accuracy(num_classes, "test")
@@ -219,7 +221,7 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
-        if self.device.type == "cpu" and str(self.trainer.precision).startswith("bf16"):
+        if self.device.type == "cpu" and self.trainer.precision.startswith("bf16"):
             self._shape_hooks = watch_cpu_bf16_strided_width_1(self.model)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

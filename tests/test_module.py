@@ -102,7 +102,8 @@ def _forward_pre_hooks(module: torch.nn.Module) -> int:
     return sum(len(m._forward_pre_hooks) for m in module.modules())
 
 
-@pytest.mark.parametrize("precision,warns", [("bf16-mixed", True), ("32-true", False)])
+@pytest.mark.parametrize("precision,warns", [
+    ("bf16-mixed", True), ("bf16-true", True), ("32-true", False)])
 def test_cpu_bf16_warns_where_a_strided_conv_sees_a_1_pixel_map(precision, warns):
     # At 16 px the last stride-2 conv of Conv MobileNet V1 sees 1×1, where oneDNN's bf16
     # weight gradient is garbage on AVX-512 CPUs (the flaky NaN this test's sibling once had).
