@@ -63,6 +63,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 else
   say "dependencies up to date ($venv)"
 fi
+# The checkout itself on sys.path (a .pth file, as setuptools' transitional "compat" editable
+# mode does): Python's path finder then takes these regular packages over a same-named folder in the
+# user's working directory (a ./data folder of datasets), which the editable finder, asked
+# last, cannot.
+"$py" - "$root" <<'PY'
+import pathlib, site, sys
+pth = pathlib.Path(site.getsitepackages()[0]) / "selfnorm-checkout.pth"
+if not pth.is_file() or pth.read_text().strip() != sys.argv[1]:
+    pth.write_text(sys.argv[1] + "\n")
+PY
 
 say "building the compiled op (cuda_ops): cached after the first build"
 # SELFNORM_REQUIRE_CUDA=1 (the Docker image): fail unless the CUDA kernels compiled.
