@@ -6,21 +6,20 @@ so shared settings live once (configs/base/*.yaml). A bare config name such as
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from app.errors import UserError
+from app.errors import USER_ERRORS, UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 _CONFIG_FLAGS = ("--config", "-c")
-# data-module attributes that fill the model argument of the same name when the model takes it
-# (channels_last too: the batches' memory format decides the model's, and Lightning refuses
-# to log two different values of one hyperparameter name)
-DATA_TO_MODEL = ("num_classes", "in_features", "in_chans", "channels_last")
+# What the data decides and the model needs, linked at instantiation (the data module is built
+# once, first); a data module exposes only the ones it has. channels_last too: the batches'
+# memory format decides the network's.
+DATA_TO_MODEL = ("num_classes", "in_chans", "in_features", "channels_last")
 
 
 def resolve_config(value: str) -> Path:
@@ -91,37 +90,32 @@ def _cli_class():
     class SelfnormCLI(LightningCLI):
         """Subclass mode for model and data; the data module's facts fill the model's args."""
 
+        def add_arguments_to_parser(self, parser) -> None:
+            for name in DATA_TO_MODEL:
+                parser.link_arguments(f"data.{name}", f"model.init_args.{name}",
+                                      apply_on="instantiate")
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI would replace the model options of the config and the command line
+            # with the checkpoint's, silently; the given options stand.
+            return
+
         def before_instantiate_classes(self) -> None:
             cfg = self.config.get(self.subcommand) if self.subcommand else self.config
-            _link_data_to_model(cfg)
+            _refuse_linked_values(cfg)
             if cfg.get("ckpt_path") == "last":
                 cfg["ckpt_path"] = str(find_last_checkpoint(cfg))
 
     return SelfnormCLI
 
 
-def _link_data_to_model(cfg: Any) -> None:
-    """Fill model.init_args.num_classes (etc.) from the data module, or fail on a mismatch."""
-    from jsonargparse import Namespace
-    from lightning.pytorch.cli import instantiate_class
-
-    data_cfg, model_cfg = cfg.get("data"), cfg.get("model")
-    if data_cfg is None or model_cfg is None or not hasattr(model_cfg, "class_path"):
-        return
-    data = instantiate_class((), data_cfg)  # cheap: data modules only read metadata in __init__
-    model_cls = _import(model_cfg.class_path)
-    params = inspect.signature(model_cls.__init__).parameters
-    init_args = model_cfg.get("init_args") or Namespace()
+def _refuse_linked_values(cfg: Any) -> None:
+    """A value given for an argument the data fills in would be silently replaced: refuse it."""
+    init_args = (cfg.get("model") or {}).get("init_args") or {}
     for name in DATA_TO_MODEL:
-        have = getattr(data, name, None)
-        if have is None or name not in params:
-            continue
-        given = init_args.get(name)
-        if given not in (None, params[name].default) and given != have:  # a default isn't a choice
-            raise UserError(f"model.{name}={given} but the data has {name}={have}; drop "
-                            f"model.init_args.{name} (it is taken from the data) or fix the data")
-        init_args[name] = have
-    model_cfg["init_args"] = init_args
+        if init_args.get(name) is not None:
+            raise UserError(f"model.init_args.{name} is taken from the data module "
+                            f"(data.{name}); drop it from the config and the command line")
 
 
 def find_last_checkpoint(cfg: Any) -> Path:
@@ -143,13 +137,6 @@ def find_last_checkpoint(cfg: Any) -> Path:
     return found[-1]
 
 
-def _import(class_path: str) -> type:
-    import importlib
-
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def make_cli(argv: list[str], run: bool = True):
     """Build the LightningCLI for ``argv`` (``run=False``: instantiate only, for tools)."""
     from jsonargparse import ArgumentError
@@ -169,7 +156,7 @@ def make_cli(argv: list[str], run: bool = True):
         msg = " ".join(str(err).split())
         raise UserError(f"bad configuration: {msg}") from None
     except ValueError as err:
-        # jsonargparse wraps a class's own UserError (unknown activation, ε ≤ 0, ...) in a
+        # jsonargparse wraps a class's own error (unknown activation, ε ≤ 0, ...) in a
         # ValueError listing every Union subtype; the user needs just the original sentence.
         cause = _user_error_in_chain(err)
         if cause is None:
@@ -177,10 +164,10 @@ def make_cli(argv: list[str], run: bool = True):
         raise cause from None
 
 
-def _user_error_in_chain(err: BaseException) -> UserError | None:
+def _user_error_in_chain(err: BaseException) -> Exception | None:
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, UserError):
+        if isinstance(err, USER_ERRORS):
             return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__

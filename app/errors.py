@@ -1,15 +1,23 @@
-"""Exceptions the app turns into one line on stderr and a non-zero exit code (no traceback)."""
+"""Exit codes: every failure a user can cause is one line on stderr and exit code 2.
+
+The library packages own their exceptions (``models.errors``, ``data.errors``); the app adds its
+own for command-line mistakes and maps them all to exit codes here. Anything else is an internal
+bug and keeps its traceback (exit code 1).
+"""
+from __future__ import annotations
+
+from data.errors import DataError
+from models.errors import ModelError, TrainingDiverged
 
 
 class UserError(ValueError):
-    """A problem the user can fix; the message names the bad value and the fix, in one sentence.
-
-    Exit code 2."""
-
-
-class TrainingDiverged(RuntimeError):
-    """Training blew up (non-finite or out-of-bound loss/statistics); the message names the step
-    and the first layer that blew up. Exit code 3."""
+    """A command-line mistake (unknown subcommand, bad flag, missing config): one sentence
+    naming the bad value and the fix."""
 
 
-EXIT_CODES: dict[type[Exception], int] = {UserError: 2, TrainingDiverged: 3}
+# exception class -> exit code
+EXIT_CODES: dict[type[BaseException], int] = {
+    UserError: 2, ModelError: 2, DataError: 2,
+    TrainingDiverged: 3,
+}
+USER_ERRORS = (UserError, ModelError, DataError)

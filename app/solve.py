@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from app.errors import UserError
-from models.solver import ACTIVATIONS, TABLE5, Solution, solve
+from models.theory.solver import ACTIVATIONS, TABLE5, Solution, solve
 
 
 def _parser() -> argparse.ArgumentParser:

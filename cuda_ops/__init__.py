@@ -1,18 +1,16 @@
 """The SELU family as one compiled op: ``cuda_ops.selu_family(x, lam, alpha, beta, kappa)``.
 
-    f(x) = λ·x (x > 0),  λ·(α·e^{βx} + κ·x − α) (x ≤ 0)
+f and its parameters are defined once, in ``cuda_ops.reference`` (the Python reference the
+kernels are tested against). ``lam`` is a float or a one-element tensor; a trainable one gets its
+gradient from the backward kernel (paper, Appendix B). The op is ``torch.ops.selfnorm.selu_family``,
+with CPU and CUDA kernels, autograd and fake kernels, so ``torch.compile(fullgraph=True)`` traces
+it without breaks. This package imports nothing else of the project.
 
-covers SELU, dSELU, sSELU (eq. 9), lSELU (eq. 10) and their centralized variants, with the
-unified parameters of ``models.functional`` (lSELU's paper-β is κ here). ``lam`` is a float or a
-one-element tensor; a trainable one gets its gradient from the backward kernel (paper,
-Appendix B). The op is ``torch.ops.selfnorm.selu_family``, with CPU and CUDA kernels,
-autograd and fake kernels, so ``torch.compile(fullgraph=True)`` traces it without breaks.
-
-Importing this package loads the compiled library, building it first if this machine never built
-this version (``python -m cuda_ops build`` does that ahead of time). A backend that could not be
-built (no compiler, no nvcc) runs the Python reference ``models.functional.selu_family``
-instead, announced by one warning at import; tensors on other devices (meta, mps, ...) always
-use the reference. ``python -m cuda_ops info`` shows what runs where.
+Importing it loads the compiled library, building it first if this machine never built this
+version (``python -m cuda_ops build`` does that ahead of time). A backend that could not be built
+(no compiler, no nvcc) runs the reference instead, announced by one warning at import; tensors on
+other devices (meta, mps, ...) always use the reference. ``python -m cuda_ops info`` shows what
+runs where.
 """
 from __future__ import annotations
 
@@ -23,9 +21,9 @@ import torch
 from torch import Tensor
 
 from cuda_ops.build import Status, ensure
-from models.functional import selu_family as reference
+from cuda_ops import reference
 
-__all__ = ["selu_family", "reference", "status", "info"]
+__all__ = ["selu_family", "reference", "status", "info"]  # reference: the module
 
 status: Status = ensure()
 if status.cpu == "compiled":
@@ -45,7 +43,7 @@ def selu_family(x: Tensor, lam: float | Tensor, alpha: float, beta: float = 1.0,
                 kappa: float = 0.0) -> Tensor:
     """f(x) with the compiled op where it is built, else the Python reference (same math)."""
     if x.device.type not in _COMPILED:
-        return reference(x, lam, alpha, beta, kappa)
+        return reference.selu_family(x, lam, alpha, beta, kappa)
     if not isinstance(lam, Tensor):
         # A CPU scalar: the kernels read it on the host, with no copy to the GPU.
         lam = torch.tensor(float(lam), dtype=torch.float64)

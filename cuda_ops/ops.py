@@ -47,7 +47,7 @@ torch.library.register_autograd("selfnorm::selu_family", _backward, setup_contex
 
 def _no_double_backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
     raise RuntimeError("cuda_ops.selu_family has no double backward; use the Python reference "
-                       "models.functional.selu_family where second derivatives are needed")
+                       "cuda_ops.reference.selu_family where second derivatives are needed")
 
 
 # Registered so that create_graph=True fails loudly instead of silently dropping the second-order

@@ -1,10 +1,17 @@
-"""The Python reference of the SELU family: the single source of truth for the activation math.
+"""The SELU family in plain torch: the single source of truth of the activation math.
 
-f(x) = λ·x                      for x > 0
-f(x) = λ·(α·e^{βx} + κ·x − α)   for x ≤ 0
+Every activation of the paper is one function of four parameters,
 
-covers ReLU (α = κ = 0), SELU / dSELU (β = 1, κ = 0), sSELU (eq. 9: κ = 0) and lSELU (eq. 10:
-β = 1, the paper's β is κ here). The compiled op in ``cuda_ops`` is tested against this.
+    f(x) = λ·x                      for x > 0
+    f(x) = λ·(α·e^{βx} + κ·x − α)   for x ≤ 0
+
+ReLU (α = κ = 0), SELU and dSELU (β = 1, κ = 0), sSELU (eq. 9: κ = 0) and lSELU (eq. 10:
+β = 1). The paper writes both new activations with a "β": sSELU's β scales the exponent and is
+β here; lSELU's β is a negative slope and is κ here. Everything else in the project (the
+compiled kernels, the closed forms of ``models.theory``, the solver) uses these four names.
+
+The compiled op (``cuda_ops.selu_family``) is tested against this reference, and this reference
+against an independent quadrature of the same formula (``tests/test_theory.py``).
 """
 from __future__ import annotations
 
@@ -27,6 +34,6 @@ def selu_family(x: Tensor, lam: float | Tensor, alpha: float, beta: float = 1.0,
 
 def selu_family_grad(x: Tensor, lam: float | Tensor, alpha: float, beta: float = 1.0,
                      kappa: float = 0.0) -> Tensor:
-    """Reference f'(x) (the derivative used by backward kernels and by φ(q) in the theory)."""
+    """Reference f'(x) (the derivative the backward kernels compute)."""
     neg = alpha * beta * torch.exp(beta * torch.where(x > 0, torch.zeros_like(x), x)) + kappa
     return lam * torch.where(x > 0, torch.ones_like(x), neg)

@@ -17,10 +17,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 
-from app.errors import UserError
+from data.errors import DataError
 from data import pipelines
 from data.loader import FFCVLoader
-from data.prepare import default_beton, prepare, write_options
+from data.prepare import Preparation, default_beton, prepare
 from data.sidecar import beton_labels, read_sidecar
 from data.sources import count_classes, default_resolution, get_source
 from data.writer import usable_cores
@@ -57,12 +57,8 @@ class FFCVImageDataModule(LightningDataModule):
         resolution: train output side (the end resolution when progressive resizing is on).
             Default: the source's (224 for ImageNet-like folders, 32 for CIFAR and digits).
         val_resolution: val output side (default: ``resolution``); also ``image_size``.
-        min_resolution: turns progressive resizing on: the train side grows from this at
-            ``start_ramp`` to ``resolution`` at ``end_ramp`` (epochs), in ``resolution_step``
-            steps, as ffcv-imagenet does.
-        start_ramp: first epoch of the ramp.
-        end_ramp: epoch at which ``resolution`` is reached.
-        resolution_step: the ramp's rounding (ffcv-imagenet: 32).
+        progressive: progressive resizing (``min_resolution``, ``start_ramp``, ``end_ramp``,
+            ``step``): the train side grows to ``resolution``, as ffcv-imagenet does.
         augment: recipe in ``data.pipelines.RECIPES`` (default: the source's, else imagenet).
         val_crop_ratio: val centre-crop side / shorter image side (default: the recipe's,
             224/256 for imagenet).
@@ -81,12 +77,8 @@ class FFCVImageDataModule(LightningDataModule):
             is above one. Each epoch reshuffles with ``seed`` + epoch, as DistributedSampler.
         seed: seed of the train order (the same on every rank); the prepared data does not
             depend on it, so runs with different seeds share the betons.
-        write_mode: prepare: ``raw``, ``jpg``, ``proportion`` or ``smart`` (default: source's).
-        max_resolution: prepare: cap on the stored longer side (0: keep; default: source's).
-        jpeg_quality: prepare: JPEG quality (default 90).
-        compress_probability: prepare: JPEG share with ``write_mode: proportion``.
-        subset: prepare: a fixed random subset of this many train images.
-        skip_bad: prepare: skip unreadable images instead of stopping.
+        prepare: how missing betons are written from ``source`` (storage options, ``subset``,
+            ``skip_bad``; default: the source's).
     """
 
     def __init__(
@@ -102,10 +94,7 @@ class FFCVImageDataModule(LightningDataModule):
         num_workers: int | None = None,
         resolution: int | None = None,
         val_resolution: int | None = None,
-        min_resolution: int | None = None,
-        start_ramp: int = 0,
-        end_ramp: int = 0,
-        resolution_step: int = 32,
+        progressive: pipelines.ProgressiveResizing | None = None,
         augment: str | None = None,
         val_crop_ratio: float | None = None,
         mean: tuple[float, float, float] | None = None,
@@ -118,25 +107,17 @@ class FFCVImageDataModule(LightningDataModule):
         drop_last: bool = True,
         distributed: bool | None = None,
         seed: int = 0,
-        write_mode: str | None = None,
-        max_resolution: int | None = None,
-        jpeg_quality: int | None = None,
-        compress_probability: float | None = None,
-        subset: int | None = None,
-        skip_bad: bool = False,
+        prepare: Preparation | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.source = get_source(source).name if source else None
         self.root = root
         self.source_options = dict(source_options or {})
-        self.write = None
-        if self.source:
-            self.write = write_options(self.source, write_mode=write_mode,
-                                       max_resolution=max_resolution, jpeg_quality=jpeg_quality,
-                                       compress_probability=compress_probability)
-            self.write.check()
-        self.subset, self.skip_bad, self.seed = subset, skip_bad, seed
+        self.preparation = prepare or Preparation()
+        self.write = self.preparation.options(self.source) if self.source else None
+        self.subset, self.skip_bad = self.preparation.subset, self.preparation.skip_bad
+        self.seed = seed
         self.train_path = self._path("train", train_path)
         self.val_path = self._path("val", val_path)
         meta = read_sidecar(self.train_path) if self.train_path.is_file() else None
@@ -156,26 +137,30 @@ class FFCVImageDataModule(LightningDataModule):
         self.image_size = self.val_resolution
         self.in_chans = 3
         self.val_crop_ratio = val_crop_ratio or self.recipe.crop_ratio
-        self.min_resolution = min_resolution
-        self.start_ramp, self.end_ramp, self.resolution_step = start_ramp, end_ramp, resolution_step
+        self.progressive = progressive
         self._check_ramp()
 
         self.batch_size = batch_size
         self.global_batch_size = global_batch_size
         if global_batch_size is not None and global_batch_size < 1:
-            raise UserError(f"global_batch_size {global_batch_size} must be positive")
+            raise DataError(f"global_batch_size {global_batch_size} must be positive")
         self.val_batch_size = val_batch_size or batch_size
         if self.batch_size < 1 or self.val_batch_size < 1:
-            raise UserError(f"batch_size {min(self.batch_size, self.val_batch_size)} must be "
+            raise DataError(f"batch_size {min(self.batch_size, self.val_batch_size)} must be "
                             f"at least 1")
         self.num_workers = num_workers
         self.mean, self.std = mean, std
         self.dtype_name, self.channels_last = dtype, channels_last
         if order not in ("random", "quasi_random", "sequential"):
-            raise UserError(f"unknown order {order!r}; choose random, quasi_random or sequential")
+            raise DataError(f"unknown order {order!r}; choose random, quasi_random or sequential")
         self.order, self.os_cache, self.batches_ahead = order, os_cache, batches_ahead
         self.drop_last, self.distributed = drop_last, distributed
         self._loaders: dict[str, FFCVLoader] = {}
+
+    def __str__(self) -> str:
+        # LightningDataModule's would build every loader just to print their sizes
+        return (f"{type(self).__name__}(train_path={str(self.train_path)!r}, "
+                f"val_path={str(self.val_path)!r}, num_classes={self.num_classes})")
 
     # -- paths and the facts the app links to the model ---------------------------------------
 
@@ -183,7 +168,7 @@ class FFCVImageDataModule(LightningDataModule):
         if given:
             return Path(given).expanduser()
         if not self.source:
-            raise UserError(f"no {split}_path and no source given; set data.{split}_path to a "
+            raise DataError(f"no {split}_path and no source given; set data.{split}_path to a "
                             f".beton file, or data.source (e.g. digits) to prepare one")
         subset = self.subset if split == "train" else None
         return default_beton(self.source, split, self.root, self.source_options, self.write,
@@ -196,29 +181,31 @@ class FFCVImageDataModule(LightningDataModule):
             return count_classes(self.source, self.root, **self.source_options)
         if self.train_path.is_file():
             return int(beton_labels(self.train_path).max()) + 1
-        raise UserError(f"train .beton {str(self.train_path)!r} does not exist and no source is "
+        raise DataError(f"train .beton {str(self.train_path)!r} does not exist and no source is "
                         f"set; prepare it with `python -m app prepare` or set data.source")
 
     def _check_ramp(self) -> None:
-        if self.min_resolution is None:
+        ramp = self.progressive
+        if ramp is None:
             return
         if not self.recipe.resizable:
-            raise UserError(f"progressive resizing (min_resolution) needs a resizing recipe; "
+            raise DataError(f"progressive resizing needs a resizing recipe; "
                             f"{self.recipe_name!r} reads images at their stored size, use "
-                            f"augment: imagenet or drop min_resolution")
-        if not 0 < self.min_resolution <= self.resolution:
-            raise UserError(f"min_resolution {self.min_resolution} must lie in "
+                            f"augment: imagenet or drop progressive")
+        if not 0 < ramp.min_resolution <= self.resolution:
+            raise DataError(f"progressive.min_resolution {ramp.min_resolution} must lie in "
                             f"(0, resolution={self.resolution}]")
-        if self.end_ramp <= self.start_ramp:
-            raise UserError(f"end_ramp {self.end_ramp} must be after start_ramp "
-                            f"{self.start_ramp} for progressive resizing")
+        if ramp.end_ramp <= ramp.start_ramp:
+            raise DataError(f"progressive.end_ramp {ramp.end_ramp} must be after start_ramp "
+                            f"{ramp.start_ramp}")
 
     def train_resolution(self, epoch: int) -> int:
         """The train output side at ``epoch`` (constant unless progressive resizing is on)."""
-        if self.min_resolution is None:
+        ramp = self.progressive
+        if ramp is None:
             return self.resolution
-        return pipelines.ramp_resolution(epoch, self.min_resolution, self.resolution,
-                                         self.start_ramp, self.end_ramp, self.resolution_step)
+        return pipelines.ramp_resolution(epoch, ramp.min_resolution, self.resolution,
+                                         ramp.start_ramp, ramp.end_ramp, ramp.step)
 
     # -- Lightning hooks -------------------------------------------------------------------
 
@@ -227,10 +214,10 @@ class FFCVImageDataModule(LightningDataModule):
                    if not p.is_file()]
         if missing and not self.source:
             split, path = missing[0]
-            raise UserError(f"{split} .beton {str(path)!r} does not exist and no source is set; "
+            raise DataError(f"{split} .beton {str(path)!r} does not exist and no source is set; "
                             f"prepare it with `python -m app prepare` or set data.source")
         if missing and get_source(self.source).splits_coincide(Path(self.root or ".").expanduser()):
-            raise UserError(f"root {self.root!r} has no train/ and val/ sub-folders, so val "
+            raise DataError(f"root {self.root!r} has no train/ and val/ sub-folders, so val "
                             f"would repeat train; arrange root/train and root/val, or give "
                             f"data.val_path")
         for split, path in missing:
@@ -242,7 +229,7 @@ class FFCVImageDataModule(LightningDataModule):
         needed = (self.train_path, self.val_path) if stage in (None, "fit") else (self.val_path,)
         for path in needed:
             if not path.is_file():
-                raise UserError(f".beton {str(path)!r} does not exist; run prepare_data first "
+                raise DataError(f".beton {str(path)!r} does not exist; run prepare_data first "
                                 f"(the trainer does) or `python -m app prepare`")
         meta = read_sidecar(self.train_path) if self.train_path.is_file() else None
         stats = meta or {}
@@ -291,7 +278,7 @@ class FFCVImageDataModule(LightningDataModule):
         if self.distributed is None:
             return world > 1
         if self.distributed and not torch.distributed.is_initialized():
-            raise UserError("distributed: true needs a distributed trainer (strategy ddp); "
+            raise DataError("distributed: true needs a distributed trainer (strategy ddp); "
                             "set distributed: null to follow the trainer")
         return self.distributed
 
@@ -314,7 +301,7 @@ class FFCVImageDataModule(LightningDataModule):
             return self.batch_size
         world = self.trainer.world_size if self.trainer is not None else 1
         if self.global_batch_size % world:
-            raise UserError(f"global_batch_size {self.global_batch_size} does not split evenly "
+            raise DataError(f"global_batch_size {self.global_batch_size} does not split evenly "
                             f"over {world} devices; use a multiple of {world}")
         return self.global_batch_size // world
 
@@ -358,7 +345,7 @@ class FFCVImageDataModule(LightningDataModule):
         epoch = before = None
         if train and self.trainer is not None:
             epoch = lambda: self.trainer.current_epoch  # noqa: E731 - resumes continue the order
-        if train and self.min_resolution is not None:
+        if train and self.progressive is not None:
             decoder = steps[0]
 
             def before(e: int) -> None:
@@ -373,7 +360,7 @@ class FFCVImageDataModule(LightningDataModule):
 
         low, high = beton_image_sizes(path)
         if low != high or low != (side, side):
-            raise UserError(f"recipe {self.recipe_name!r} reads images at their stored size, but "
+            raise DataError(f"recipe {self.recipe_name!r} reads images at their stored size, but "
                             f"{str(path)!r} holds {low[0]}×{low[1]} to {high[0]}×{high[1]} "
                             f"images, not {side}×{side}; use augment: imagenet or resolution: "
                             f"{high[0]}")

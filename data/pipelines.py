@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from app.errors import UserError
+from data.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,7 +80,7 @@ RECIPES: dict[str, Recipe] = {
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise UserError(f"unknown augmentation recipe {name!r}; choose one of: "
+        raise DataError(f"unknown augmentation recipe {name!r}; choose one of: "
                         f"{', '.join(RECIPES)}")
     return RECIPES[name]
 
@@ -121,6 +121,18 @@ def label_pipeline(device: torch.device) -> list:
     if not normalized_on_host(device):
         steps.append(ToDevice(device, non_blocking=True))
     return steps
+
+
+@dataclass(frozen=True)
+class ProgressiveResizing:
+    """ffcv-imagenet's progressive resizing: the train side grows from ``min_resolution`` at
+    epoch ``start_ramp`` to the data module's ``resolution`` at ``end_ramp``, rounded to
+    multiples of ``step``."""
+
+    min_resolution: int
+    start_ramp: int = 0
+    end_ramp: int = 0
+    step: int = 32
 
 
 def ramp_resolution(epoch: int, min_res: int, max_res: int, start_ramp: int, end_ramp: int,

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from app.errors import UserError
+from data.errors import DataError
 from data.sources import get_source, open_source
 from data.writer import WriteOptions, write_beton
 
@@ -42,6 +42,33 @@ def write_options(source: str, **overrides: Any) -> WriteOptions:
     return replace(options, **given)
 
 
+@dataclass(frozen=True)
+class Preparation:
+    """How a data module writes the .beton files it finds missing (None: the source's default).
+
+    ``write_mode``, ``max_resolution`` (0 keeps the size), ``jpeg_quality`` and
+    ``compress_probability`` are FFCV's storage options (ffcv-imagenet's names); ``subset`` writes
+    a fixed random subset of that many train images; ``skip_bad`` skips unreadable images
+    instead of stopping.
+    """
+
+    write_mode: str | None = None
+    max_resolution: int | None = None
+    jpeg_quality: int | None = None
+    compress_probability: float | None = None
+    subset: int | None = None
+    skip_bad: bool = False
+
+    def options(self, source: str) -> WriteOptions:
+        """The storage options for ``source``, checked."""
+        options = write_options(source, write_mode=self.write_mode,
+                                max_resolution=self.max_resolution,
+                                jpeg_quality=self.jpeg_quality,
+                                compress_probability=self.compress_probability)
+        options.check()
+        return options
+
+
 def default_beton(source: str, split: str, root: str | None, source_options: dict[str, Any],
                   options: WriteOptions, subset: int | None) -> Path:
     """Where the DataModule keeps ``split`` of ``source`` when no path is configured."""
@@ -60,7 +87,7 @@ def choose_subset(labels: np.ndarray, subset: int | None, seed: int) -> np.ndarr
     if subset is None or subset >= len(labels):
         return None
     if subset < 1:
-        raise UserError(f"subset {subset} must be a positive number of images")
+        raise DataError(f"subset {subset} must be a positive number of images")
     return np.sort(np.random.default_rng(seed).choice(len(labels), size=subset, replace=False))
 
 
@@ -74,7 +101,7 @@ def prepare(source: str, split: str, out: str | os.PathLike, root: str | None = 
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         # Checked before reading the source: a slow folder walk should not precede this error.
-        raise UserError(f"{str(out)!r} already exists; pass --overwrite (data.overwrite) to "
+        raise DataError(f"{str(out)!r} already exists; pass --overwrite (data.overwrite) to "
                         f"replace it or choose another --out")
     src = open_source(source, root, split, **source_options)
     provenance = {"root": str(Path(root).expanduser().resolve()) if root else None,

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from app.errors import UserError
+from data.errors import DataError
 
 Table = tuple[np.ndarray, np.ndarray, list[str]]
 
@@ -34,17 +34,17 @@ def _sklearn(name: str) -> Callable[..., Table]:
 def _csv(path: str | None, target: str | int | None) -> Table:
     """A numeric CSV, with or without a header row; ``target`` is a column name or index."""
     if not path or not Path(path).expanduser().is_file():
-        raise UserError(f"dataset csv needs an existing file in data.path, got {path!r}")
+        raise DataError(f"dataset csv needs an existing file in data.path, got {path!r}")
     with open(Path(path).expanduser(), newline="") as fh:
         rows = [r for r in csv.reader(fh) if r]
     if len(rows) < 2:
-        raise UserError(f"{path!r} holds fewer than two rows; give a CSV with one sample per row")
+        raise DataError(f"{path!r} holds fewer than two rows; give a CSV with one sample per row")
     header = None if _numeric(rows[0]) else rows[0]
     body = rows[1:] if header else rows
     column = -1 if target is None else target
     if isinstance(column, str) and not column.lstrip("-").isdigit():
         if header is None or column not in header:
-            raise UserError(f"target column {column!r} is not in the header of {path!r}; give "
+            raise DataError(f"target column {column!r} is not in the header of {path!r}; give "
                             f"its name or index")
         column = header.index(column)
     column = int(column) % len(body[0])
@@ -52,7 +52,7 @@ def _csv(path: str | None, target: str | int | None) -> Table:
     try:
         features = np.array([[float(v) for k, v in enumerate(r) if k != column] for r in body])
     except ValueError as err:
-        raise UserError(f"{path!r} has a non-numeric feature ({err}); encode categorical "
+        raise DataError(f"{path!r} has a non-numeric feature ({err}); encode categorical "
                         f"columns as numbers first") from None
     names = sorted(set(labels), key=_label_order)
     index = {v: k for k, v in enumerate(names)}
@@ -103,10 +103,10 @@ class TabularDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if dataset not in DATASETS:
-            raise UserError(f"unknown tabular dataset {dataset!r}; choose one of: "
+            raise DataError(f"unknown tabular dataset {dataset!r}; choose one of: "
                             f"{', '.join(DATASETS)}")
         if not 0.0 < val_fraction < 1.0:
-            raise UserError(f"val_fraction {val_fraction} must lie strictly between 0 and 1")
+            raise DataError(f"val_fraction {val_fraction} must lie strictly between 0 and 1")
         from sklearn.model_selection import train_test_split
 
         x, y, self.class_names = DATASETS[dataset](path, target)
@@ -125,6 +125,11 @@ class TabularDataModule(LightningDataModule):
                                        torch.as_tensor(y[train]))
         self.val_set = TensorDataset(torch.as_tensor(x[val], dtype=torch.float32),
                                      torch.as_tensor(y[val]))
+
+    def __str__(self) -> str:
+        # LightningDataModule's would build every loader just to print their sizes
+        return (f"{type(self).__name__}(dataset={self.hparams.dataset!r}, "
+                f"num_classes={self.num_classes}, in_features={self.in_features})")
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,

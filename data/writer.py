@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from app.errors import UserError
+from data.errors import DataError
 from data.images import BadImage
 from data.sidecar import FORMAT, sidecar_path, write_json_atomic
 from data.sources import ImageSource
@@ -51,18 +51,18 @@ class WriteOptions:
 
     def check(self) -> None:
         if self.write_mode not in WRITE_MODES:
-            raise UserError(f"unknown write mode {self.write_mode!r}; choose one of: "
+            raise DataError(f"unknown write mode {self.write_mode!r}; choose one of: "
                             f"{', '.join(WRITE_MODES)}")
         if self.max_resolution is not None and self.max_resolution < 8:
-            raise UserError(f"max_resolution {self.max_resolution} is too small; give at least "
+            raise DataError(f"max_resolution {self.max_resolution} is too small; give at least "
                             f"8 pixels, or none to keep the original size")
         if not 1 <= self.jpeg_quality <= 100:
-            raise UserError(f"jpeg_quality {self.jpeg_quality} is out of range; give 1..100")
+            raise DataError(f"jpeg_quality {self.jpeg_quality} is out of range; give 1..100")
         if not 0.0 <= self.compress_probability <= 1.0:
-            raise UserError(f"compress_probability {self.compress_probability} is out of "
+            raise DataError(f"compress_probability {self.compress_probability} is out of "
                             f"range; give a value in [0, 1]")
         if self.chunk_size < 1:
-            raise UserError(f"chunk_size {self.chunk_size} must be at least 1")
+            raise DataError(f"chunk_size {self.chunk_size} must be at least 1")
 
     def fields(self) -> dict[str, Any]:
         from ffcv.fields import IntField, RGBImageField
@@ -201,7 +201,7 @@ def write_beton(source: ImageSource, out: str | os.PathLike, options: WriteOptio
     """Write ``source`` (or its ``indices``) to ``out`` plus its sidecar; returns the sidecar.
 
     Refuses to replace an existing ``out`` unless ``overwrite``; never leaves a partial file
-    under ``out``. Bad input raises UserError before anything existing is touched.
+    under ``out``. Bad input raises DataError before anything existing is touched.
     """
     from ffcv.writer import DatasetWriter
     from tqdm import tqdm
@@ -209,21 +209,21 @@ def write_beton(source: ImageSource, out: str | os.PathLike, options: WriteOptio
     options.check()
     out = Path(out).expanduser()
     if out.is_dir():
-        raise UserError(f"output {str(out)!r} is a folder; give a file name such as "
+        raise DataError(f"output {str(out)!r} is a folder; give a file name such as "
                         f"{str(out / (split + '.beton'))!r}")
     if out.exists() and not overwrite:
-        raise UserError(f"{str(out)!r} already exists; pass --overwrite (data.overwrite) to "
+        raise DataError(f"{str(out)!r} already exists; pass --overwrite (data.overwrite) to "
                         f"replace it or choose another --out")
     order = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
     if len(order) == 0:
-        raise UserError(f"source {source.name!r} ({split}) has no samples to write")
+        raise DataError(f"source {source.name!r} ({split}) has no samples to write")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create the folder of {str(out)!r} ({err.strerror}); choose "
+        raise DataError(f"cannot create the folder of {str(out)!r} ({err.strerror}); choose "
                         f"a writable --out") from None
     if not os.access(out.parent, os.W_OK):
-        raise UserError(f"folder {str(out.parent)!r} is not writable; choose another --out")
+        raise DataError(f"folder {str(out.parent)!r} is not writable; choose another --out")
     remove_stale_temps(out)
     tmp = temp_path(out)
     fields = options.fields()
@@ -266,7 +266,7 @@ def write_beton(source: ImageSource, out: str | os.PathLike, options: WriteOptio
         bad = sorted(b for r in reports for b in r[2])
         keep = np.setdiff1d(np.arange(len(jobs)), [d for d, _ in bad])
         if len(keep) == 0:
-            raise UserError(f"none of the {len(jobs)} images of {source.name!r} ({split}) "
+            raise DataError(f"none of the {len(jobs)} images of {source.name!r} ({split}) "
                             f"could be read; the first error was: {bad[0][1]}")
         _finalize(tmp, writer.header, writer.metadata_start, metadata, allocations, keep)
         meta = _sidecar(source, split, order[keep], metadata[keep], reports, bad, order,
@@ -297,12 +297,12 @@ def _collect(procs, results, done, total: int, bar) -> list:
             except Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
-                    raise UserError(f"a prepare worker died (exit code {dead[0].exitcode}), "
+                    raise DataError(f"a prepare worker died (exit code {dead[0].exitcode}), "
                                     f"probably out of memory; retry with fewer --num-workers")
                 bar.update(done.value - bar.n)
                 continue
             if report[0] == "error":
-                raise UserError(report[1])
+                raise DataError(report[1])
             reports.append(report)
         bar.update(total - bar.n)
     return reports

@@ -1,6 +1,12 @@
-"""selfnorm models: theory and solver (numpy/scipy only), activations, layers, architectures.
+"""selfnorm models, in four layers that import downward only:
 
-Attributes are imported lazily so that ``python -m app solve`` never pays for importing torch.
+* ``models.theory``: closed forms, the ε solver, mean-field propagation (numpy/scipy, no torch);
+* ``models.layers``: activations (the registry), weight-centralized layers, norms, dropout;
+* ``models.archs``: the architecture registry and the architectures;
+* ``models.training``: the LightningModules and callbacks (mixup, monitoring, the divergence
+  guard) and ``diagnose``.
+
+Attributes are imported lazily, so ``python -m app solve`` never pays for importing torch.
 """
 from __future__ import annotations
 
@@ -9,23 +15,26 @@ from typing import Any
 
 # public name -> submodule that defines it
 _LAZY = {
-    "solve": "models.solver",
-    "Solution": "models.solver",
-    "SolverError": "models.solver",
-    "SeluFamily": "models.theory",
-    "selu_family": "models.functional",
-    "create_act": "models.activations",
-    "list_acts": "models.activations",
-    "create_model": "models.registry",
-    "list_models": "models.registry",
-    "register_model": "models.registry",
-    "get_act_layer": "models.activations",
-    "WCConv2d": "models.layers",
-    "WCLinear": "models.layers",
-    "ImageClassifier": "models.module",
-    "TabularClassifier": "models.module",
-    "Mixup": "models.mixup",
-    "NormalizationMonitor": "models.monitor",
+    "ModelError": "models.errors",
+    "TrainingDiverged": "models.errors",
+    "solve": "models.theory.solver",
+    "Solution": "models.theory.solver",
+    "SolverError": "models.theory.solver",
+    "SeluFamily": "models.theory.moments",
+    "create_act": "models.layers.activations",
+    "list_acts": "models.layers.activations",
+    "get_act_layer": "models.layers.activations",
+    "WCConv2d": "models.layers.centralized",
+    "WCLinear": "models.layers.centralized",
+    "create_model": "models.archs.registry",
+    "list_models": "models.archs.registry",
+    "register_model": "models.archs.registry",
+    "ImageClassifier": "models.training.module",
+    "TabularClassifier": "models.training.module",
+    "Mixup": "models.training.mixup",
+    "NormalizationMonitor": "models.training.monitor",
+    "DivergenceGuard": "models.training.guard",
+    "diagnose": "models.training.diagnose",
 }
 
 __all__ = sorted(_LAZY)

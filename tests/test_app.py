@@ -125,7 +125,8 @@ def run_app(args, cwd, env_extra=None):
       "--data.init_args.val_path=missing_val.beton"], "missing.beton"),
     (["--model.init_args.act=swish"], "unknown activation 'swish'"),
     (["--model.init_args.eps=-0.1"], "ε must be a positive number"),
-    (["--model.init_args.num_classes=7"], "num_classes=7 but the data has num_classes=10"),
+    (["--model.init_args.num_classes=7"], "model.init_args.num_classes is taken from the data "
+                                          "module (data.num_classes)"),
     (["--config", "no_such_config.yaml"], "not found as a path or in"),
 ])
 def test_bad_input_is_one_line_nonzero_and_loses_nothing(override, needle, tmp_path):

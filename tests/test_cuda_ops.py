@@ -1,4 +1,4 @@
-"""The compiled SELU-family op against the Python reference (models.functional), on CPU and,
+"""The compiled SELU-family op against the Python reference (cuda_ops.reference), on CPU and,
 where a GPU is present, CUDA: values and both gradients per dtype, gradcheck, opcheck,
 torch.compile, layouts, NaN/Inf, determinism of dL/dλ, the build cache and the fallback."""
 from __future__ import annotations
@@ -16,8 +16,8 @@ from torch import nn
 
 import cuda_ops
 from cuda_ops.build import cuda_home
-from models.functional import selu_family as reference
-from models.functional import selu_family_grad as reference_grad  # f'(x)
+from cuda_ops.reference import selu_family as reference
+from cuda_ops.reference import selu_family_grad as reference_grad  # f'(x)
 
 ROOT = Path(__file__).resolve().parent.parent
 SELU = (1.0507009873554805, 1.6732632423543772, 1.0, 0.0)  # λ, α, β, κ
@@ -333,7 +333,7 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
 
 _CHECK_VARIANT = """
 import torch, cuda_ops
-from models.functional import selu_family as ref, selu_family_grad as ref_grad
+from cuda_ops.reference import selu_family as ref, selu_family_grad as ref_grad
 x = torch.cat([torch.randn(10007, generator=torch.Generator().manual_seed(0)) * 3,
                torch.linspace(-2, 2, 1001)])
 for dtype, rtol in ((torch.float32, 1e-6), (torch.float64, 1e-12), (torch.bfloat16, 1e-2)):
@@ -394,8 +394,8 @@ import warnings, torch
 warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as caught:
     import cuda_ops
-    import models.activations
-from models.functional import selu_family as ref
+    import models.layers.activations
+from cuda_ops.reference import selu_family as ref
 x = torch.randn(100)
 assert torch.equal(cuda_ops.selu_family(x, 1.05, 1.67, 0.9, 0.1), ref(x, 1.05, 1.67, 0.9, 0.1))
 ours = [str(w.message) for w in caught if "cuda_ops" in str(w.message)]

@@ -25,6 +25,7 @@ def run(out: Path) -> None:
     from torch import nn
 
     from data.datamodule import FFCVImageDataModule
+    from data.prepare import Preparation
 
     class Record(pl.LightningModule):
         def __init__(self, num_classes: int, side: int):
@@ -53,7 +54,8 @@ def run(out: Path) -> None:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
     # Rank 0 prepares the missing betons (prepare_data), the other rank waits at the barrier.
-    dm = FFCVImageDataModule(source="synthetic", batch_size=8, num_workers=1, write_mode="raw",
+    dm = FFCVImageDataModule(source="synthetic", batch_size=8, num_workers=1,
+                             prepare=Preparation(write_mode="raw"),
                              source_options={"num_classes": N, "num_samples": N,
                                              "image_size": 8})
     model = Record(dm.num_classes, dm.image_size)

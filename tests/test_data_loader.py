@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 import lightning.pytorch as pl
-from app.errors import UserError
+from data.errors import DataError
 from data.datamodule import FFCVImageDataModule
-from data.prepare import prepare
+from data.pipelines import ProgressiveResizing
+from data.prepare import Preparation, prepare
 from data.sources import open_source
 from data.writer import WriteOptions
 
@@ -270,8 +271,8 @@ def test_torch_threads_are_left_alone(betons):
 
 
 def test_progressive_resizing_follows_the_ramp(betons):
-    dm = module(betons, resolution=16, min_resolution=8, start_ramp=0, end_ramp=2,
-                resolution_step=4)
+    dm = module(betons, resolution=16, progressive=ProgressiveResizing(8, start_ramp=0, end_ramp=2,
+                                                                       step=4))
     assert [dm.train_resolution(e) for e in range(4)] == [8, 12, 16, 16]
     loader = dm.train_dataloader()
     sides = [next(iter(loader))[0].shape[-1] for _ in range(3)]
@@ -291,28 +292,30 @@ def test_facts_are_known_before_any_file_exists(data_dir):
     assert dm.train_path.parent.parent == data_dir
     again = FFCVImageDataModule(source="digits", seed=5)  # another run: the same betons
     assert again.train_path == dm.train_path and again.class_names == [str(d) for d in range(10)]
-    assert FFCVImageDataModule(source="digits", write_mode="jpg").train_path != dm.train_path
+    jpg = FFCVImageDataModule(source="digits", prepare=Preparation(write_mode="jpg"))
+    assert jpg.train_path != dm.train_path
     from_file = FFCVImageDataModule(train_path=str(dm.train_path), val_path=str(dm.val_path))
     facts = from_file.num_classes, from_file.image_size, from_file.recipe_name
     assert facts == (10, 32, "digits")
 
 
 def test_bad_configuration_is_one_user_error(betons, tmp_path, data_dir):
-    with pytest.raises(UserError, match="no train_path and no source"):
+    with pytest.raises(DataError, match="no train_path and no source"):
         FFCVImageDataModule()
-    with pytest.raises(UserError, match="does not exist and no source"):
+    with pytest.raises(DataError, match="does not exist and no source"):
         FFCVImageDataModule(train_path=str(tmp_path / "no.beton"), val_path=str(betons[1]))
-    with pytest.raises(UserError, match="unknown source"):
+    with pytest.raises(DataError, match="unknown source"):
         FFCVImageDataModule(source="mnist")
-    with pytest.raises(UserError, match="unknown augmentation recipe"):
+    with pytest.raises(DataError, match="unknown augmentation recipe"):
         module(betons, augment="autoaugment")
-    with pytest.raises(UserError, match="unknown order"):
+    with pytest.raises(DataError, match="unknown order"):
         module(betons, order="shuffled")
-    with pytest.raises(UserError, match="progressive resizing"):
-        module(betons, augment="pad_crop", min_resolution=8, end_ramp=3)
-    with pytest.raises(UserError, match="end_ramp"):
-        module(betons, min_resolution=8, start_ramp=3, end_ramp=3)
-    with pytest.raises(UserError, match="16×16 images, not 32×32"):
+    with pytest.raises(DataError, match="progressive resizing needs a resizing recipe; "
+                                        "'pad_crop' reads images at their stored size"):
+        module(betons, augment="pad_crop", progressive=ProgressiveResizing(8, end_ramp=3))
+    with pytest.raises(DataError, match="progressive.end_ramp 3 must be after start_ramp 3"):
+        module(betons, progressive=ProgressiveResizing(8, start_ramp=3, end_ramp=3))
+    with pytest.raises(DataError, match="16×16 images, not 32×32"):
         module(betons, augment="pad_crop", resolution=32).train_dataloader()
     assert not data_dir.exists()
 
@@ -440,9 +443,9 @@ def test_global_batch_size_is_split_over_the_devices(betons):
     x, _ = next(iter(dm.build_loader("train")))
     assert x.shape[0] == 12
     dm.trainer = SimpleNamespace(world_size=5)
-    with pytest.raises(UserError, match="does not split evenly over 5 devices"):
+    with pytest.raises(DataError, match="does not split evenly over 5 devices"):
         dm.train_batch_size()
-    with pytest.raises(UserError, match="global_batch_size 0 must be positive"):
+    with pytest.raises(DataError, match="global_batch_size 0 must be positive"):
         module(betons, global_batch_size=0)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.errors import UserError
+from data.errors import DataError
 from app.main import main as app_main
 from data.prepare import choose_subset, prepare
 from data.sidecar import read_sidecar, sidecar_path
@@ -91,7 +91,7 @@ def folder(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 def test_imagefolder_corrupt_file_is_an_error_and_writes_nothing(folder, tmp_path):
     root, _ = folder
     out = tmp_path / "out" / "train.beton"
-    with pytest.raises(UserError, match=r"broken\.jpg.*--skip-bad"):
+    with pytest.raises(DataError, match=r"broken\.jpg.*--skip-bad"):
         prepare("imagefolder", "train", out, str(root), options=RAW)
     assert not out.exists() and not sidecar_path(out).exists()
     assert [p.name for p in out.parent.iterdir()] == []  # no temporary file left either
@@ -134,7 +134,7 @@ def test_imagefolder_val_uses_train_classes_and_rejects_unknown(folder, tmp_path
     assert labels.tolist() == [0, 2]  # cat, eel: indices from train's class list
     assert meta["class_counts"] == [1, 0, 1]
     save(root / "val" / "fox" / "x.png", Image.fromarray(rgb(8, 8, 0)))
-    with pytest.raises(UserError, match="fox.*same classes"):
+    with pytest.raises(DataError, match="fox.*same classes"):
         prepare("imagefolder", "val", tmp_path / "val2.beton", str(root), options=RAW)
 
 
@@ -160,21 +160,21 @@ def test_write_modes(folder, tmp_path, mode, jpeg_modes):
 
 
 def test_bad_folders_and_sources(tmp_path):
-    with pytest.raises(UserError, match="unknown source 'imagenett'"):
+    with pytest.raises(DataError, match="unknown source 'imagenett'"):
         prepare("imagenett", "train", tmp_path / "x.beton", str(tmp_path))
-    with pytest.raises(UserError, match="needs|--root"):
+    with pytest.raises(DataError, match="needs|--root"):
         prepare("imagefolder", "train", tmp_path / "x.beton", None)
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         prepare("imagefolder", "train", tmp_path / "x.beton", str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no class sub-folders"):
+    with pytest.raises(DataError, match="no class sub-folders"):
         prepare("imagefolder", "train", tmp_path / "x.beton", str(tmp_path / "empty"))
     (tmp_path / "empty" / "cat").mkdir()
-    with pytest.raises(UserError, match="cat.*holds no images"):
+    with pytest.raises(DataError, match="cat.*holds no images"):
         prepare("imagefolder", "train", tmp_path / "x.beton", str(tmp_path / "empty"))
-    with pytest.raises(UserError, match="has no option 'colour'"):
+    with pytest.raises(DataError, match="has no option 'colour'"):
         prepare("digits", "train", tmp_path / "x.beton", source_options={"colour": 1})
-    with pytest.raises(UserError, match="unknown write mode"):
+    with pytest.raises(DataError, match="unknown write mode"):
         prepare("digits", "train", tmp_path / "x.beton",
                 options=WriteOptions(write_mode="png"))
     assert list(tmp_path.glob("*.beton*")) == []
@@ -186,7 +186,7 @@ def test_existing_output_is_kept_without_overwrite(tmp_path):
     prepare("synthetic", "train", out, source_options=small, progress=False,
             options=WriteOptions(write_mode="raw", max_resolution=None, num_workers=1))
     before = hashlib.sha256(out.read_bytes()).hexdigest(), sidecar_path(out).read_text()
-    with pytest.raises(UserError, match="already exists.*--overwrite"):
+    with pytest.raises(DataError, match="already exists.*--overwrite"):
         prepare("synthetic", "train", out, source_options={**small, "num_samples": 20})
     assert (hashlib.sha256(out.read_bytes()).hexdigest(), sidecar_path(out).read_text()) == before
     prepare("synthetic", "train", out, source_options={**small, "num_samples": 20},
@@ -266,7 +266,7 @@ def test_cifar_pickles(tmp_path, name, folder_name, hundred):
         assert labels.tolist() == truth[split][1]
         assert meta["num_classes"] == (100 if hundred else 10)
     (base / ("train" if hundred else "data_batch_3")).unlink()
-    with pytest.raises(UserError, match="is missing"):
+    with pytest.raises(DataError, match="is missing"):
         prepare(name, "train", tmp_path / "again.beton", str(base))
 
 
@@ -396,10 +396,10 @@ def test_folder_splits_must_differ(folder, tmp_path, monkeypatch):
     root, _ = folder
     monkeypatch.setenv("SELFNORM_DATA_DIR", str(tmp_path / "cache"))
     shutil.rmtree(root / "val")
-    with pytest.raises(UserError, match="train/ but no val/"):
+    with pytest.raises(DataError, match="train/ but no val/"):
         prepare("imagefolder", "val", tmp_path / "v.beton", str(root))
     flat = FFCVImageDataModule(source="imagefolder", root=str(root / "train"))
     assert flat.num_classes == 3
-    with pytest.raises(UserError, match="val would repeat train"):
+    with pytest.raises(DataError, match="val would repeat train"):
         flat.prepare_data()
     assert not (tmp_path / "cache").exists()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.errors import UserError
+from data.errors import DataError
 from data.tabular import TabularDataModule
 
 
@@ -68,14 +68,14 @@ def test_csv_without_header_uses_last_column(tmp_path):
 
 
 def test_bad_input(tmp_path):
-    with pytest.raises(UserError, match="unknown tabular dataset 'adult'"):
+    with pytest.raises(DataError, match="unknown tabular dataset 'adult'"):
         TabularDataModule(dataset="adult")
-    with pytest.raises(UserError, match="existing file"):
+    with pytest.raises(DataError, match="existing file"):
         TabularDataModule(dataset="csv", path=str(tmp_path / "missing.csv"))
     (tmp_path / "c.csv").write_text("x,colour,y\n1,red,0\n2,blue,1\n3,red,0\n4,blue,1\n")
-    with pytest.raises(UserError, match="non-numeric feature"):
+    with pytest.raises(DataError, match="non-numeric feature"):
         TabularDataModule(dataset="csv", path=str(tmp_path / "c.csv"))
-    with pytest.raises(UserError, match="target column 'label'"):
+    with pytest.raises(DataError, match="target column 'label'"):
         TabularDataModule(dataset="csv", path=str(tmp_path / "c.csv"), target="label")
-    with pytest.raises(UserError, match="val_fraction"):
+    with pytest.raises(DataError, match="val_fraction"):
         TabularDataModule(val_fraction=1.5)

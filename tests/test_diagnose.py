@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from app.diagnose import diagnose
+from models.training.diagnose import diagnose
+from app.diagnose import format_table
 from app.main import main
 from models import create_model
 
@@ -79,7 +80,7 @@ def test_the_chain_restarts_after_pooling_and_norm_layers_and_skips_per_sample_f
     assert d.links == ["measured", "measured", "relu"]
     assert d.grad_w_sample.shape == (0, 3)  # batch norm has no single-sample statistics
     assert np.isnan(d.theory_grad_w).all() and np.isfinite(d.theory_h2).all()
-    assert "per sample" in d.table().splitlines()[0]
+    assert "per sample" in format_table(d).splitlines()[0]
 
 
 def test_diagnose_leaves_the_model_as_it_was():
@@ -96,7 +97,7 @@ def test_diagnose_leaves_the_model_as_it_was():
 
 def test_the_table_and_json_carry_every_layer():
     d = diagnose(fc_snn("sselu", 0.06, depth=4, width=32), gaussian_batches(1, 16, 64))
-    lines = d.table().splitlines()
+    lines = format_table(d).splitlines()
     assert len(lines) == 2 + 4 and lines[2].split()[1] == "layers.0.linear"
     assert lines[-1].split()[1] == "fc"
     rows = d.to_json()["layers"]

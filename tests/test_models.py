@@ -1,4 +1,4 @@
-"""Activations, weight-centralized layers, alpha dropout and architectures (issue 5).
+"""Activations, weight-centralized layers, alpha dropout and architectures.
 
 Architecture tests are parametrised over the registries (``list_models()`` × ``list_acts()``),
 so a newly registered model or activation is tested the moment it exists.
@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.errors import UserError
+from models.errors import ModelError
 from models import create_model, list_acts, list_models, solve
-from models.activations import SeluFamilyAct, create_act, get_act_layer
-from models.dropout import AlphaDropout, dropout_for
-from models.functional import selu_family
-from models.layers import WCConv2d, WCLinear, centralize
+from models.layers.activations import SeluFamilyAct, create_act, get_act_layer
+from models.layers.dropout import AlphaDropout, dropout_for
+from cuda_ops.reference import selu_family
+from models.layers.centralized import WCConv2d, WCLinear, centralize
 
 # ε for the activations that need one; the paper's ImageNet value.
 EPS = {"dselu": 0.06, "sselu": 0.06, "lselu": 0.06}
@@ -121,7 +121,7 @@ def test_explicit_parameters_override_the_solver():
     lambda: create_act("selu", central=True, lam=1.0, alpha=1.0),
 ])
 def test_bad_activation_requests_are_one_sentence_user_errors(call):
-    with pytest.raises(UserError) as err:
+    with pytest.raises(ModelError) as err:
         call()
     assert "\n" not in str(err.value)
 
@@ -310,7 +310,7 @@ def test_serial_cnn_is_table_4():
     lambda: create_model("conv_mobilenet_v1", num_classes=10),  # sselu without ε
 ])
 def test_bad_model_requests_are_one_sentence_user_errors(call):
-    with pytest.raises(UserError) as err:
+    with pytest.raises(ModelError) as err:
         call()
     assert "\n" not in str(err.value)
 

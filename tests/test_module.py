@@ -1,4 +1,4 @@
-"""The LightningModules (ImageClassifier, TabularClassifier) and the Mixup callback (issue 5)."""
+"""The LightningModules (ImageClassifier, TabularClassifier) and the Mixup callback."""
 from __future__ import annotations
 
 import json
@@ -11,12 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from app.errors import UserError
-from models.activations import SeluFamilyAct
-from models.mixup import Mixup, cutmix, cutmix_box, mixup, soft_targets
-from models.module import ImageClassifier, LrFactor, TabularClassifier
+from models.errors import ModelError
+from models.layers.activations import SeluFamilyAct
+from models.training.mixup import Mixup, cutmix, cutmix_box, mixup, soft_targets
+from models.training.module import ImageClassifier, LrFactor, TabularClassifier
 
-DEMO = dict(model_kwargs={"width_mult": 0.25})  # the CPU demo's Conv MobileNet V1
+# the paper's best ImageNet recipe (configs/base/imagenet.yaml + imagenet_sselu.yaml) on the CPU
+# demo's reduced Conv MobileNet V1
+DEMO = dict(model="conv_mobilenet_v1", model_kwargs={"width_mult": 0.25}, act="sselu", eps=0.06,
+            central=True, trainable_lambda=True, lr=0.02, weight_decay=4e-5, milestones=(60, 75))
+# the 64-layer FC SNN of configs/uci_fc_snn.yaml
+FC = dict(model="fc_snn", act="sselu", eps=0.017, lr=0.003, schedule="cosine")
 
 
 def _images(n: int = 320, classes: int = 10, size: int = 16, seed: int = 0) -> TensorDataset:
@@ -52,10 +57,10 @@ def test_short_training_run_lowers_the_loss(act, eps, norm):
     torch.manual_seed(0)
     data = DataLoader(_images(256, size=32), batch_size=32, shuffle=True)
     val = DataLoader(_images(256, size=32), batch_size=256)
-    module = ImageClassifier(num_classes=10, act=act, eps=eps, norm=norm,
-                             central=act in ("sselu", "lselu"), trainable_lambda=act != "relu",
-                             weight_centralization=act != "relu", lr=0.01, milestones=(2,),
-                             **DEMO)
+    module = ImageClassifier(**{**DEMO, **dict(
+        num_classes=10, act=act, eps=eps, norm=norm, central=act in ("sselu", "lselu"),
+        trainable_lambda=act != "relu", weight_centralization=act != "relu", lr=0.01,
+        milestones=(2,))})
     trainer = _trainer(max_epochs=3)
     before = trainer.validate(module, val, verbose=False)[0]["val/loss"]
     trainer.fit(module, data)
@@ -70,7 +75,7 @@ def test_tabular_classifier_trains_the_64_layer_fc_snn():
     x = torch.randn(512, 10, generator=g)
     y = (x[:, :3].sum(1) > 0).long()
     data = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
-    module = TabularClassifier(in_features=10, model_kwargs={"width": 64})
+    module = TabularClassifier(in_features=10, num_classes=2, model_kwargs={"width": 64}, **FC)
     trainer = _trainer(max_epochs=8)
     before = trainer.validate(module, DataLoader(TensorDataset(x, y), batch_size=512),
                               verbose=False)[0]
@@ -124,9 +129,10 @@ def test_cpu_bf16_warns_where_a_strided_conv_sees_a_1_pixel_map(precision, warns
 @pytest.mark.slow
 def test_compile_flag_trains_and_keeps_state_dict_keys():
     torch.manual_seed(0)
-    module = TabularClassifier(in_features=6, compile=True, model_kwargs={"depth": 4,
-                                                                         "width": 16})
-    eager = TabularClassifier(in_features=6, model_kwargs={"depth": 4, "width": 16})
+    module = TabularClassifier(in_features=6, num_classes=2, compile=True,
+                               model_kwargs={"depth": 4, "width": 16}, **FC)
+    eager = TabularClassifier(in_features=6, num_classes=2,
+                              model_kwargs={"depth": 4, "width": 16}, **FC)
     assert module.state_dict().keys() == eager.state_dict().keys()
     x = torch.randn(64, 6)
     trainer = _trainer(max_steps=2)
@@ -163,8 +169,8 @@ def test_lr_factor_multistep_cosine_and_warmup():
 
 def test_cosine_schedule_follows_max_epochs_and_lr_is_logged():
     torch.manual_seed(0)
-    module = ImageClassifier(num_classes=10, schedule="cosine", lr=0.05, warmup_epochs=1,
-                             **DEMO)
+    module = ImageClassifier(**{**DEMO, **dict(num_classes=10, schedule="cosine", lr=0.05,
+                                                 warmup_epochs=1)})
     seen = []
 
     class Probe(L.Callback):
@@ -180,7 +186,7 @@ def test_cosine_schedule_follows_max_epochs_and_lr_is_logged():
 
 
 def test_soft_target_loss_matches_hard_labels_and_smoothing():
-    module = ImageClassifier(num_classes=10, label_smoothing=0.1, **DEMO)
+    module = ImageClassifier(num_classes=10, **{**DEMO, "label_smoothing": 0.1})
     logits, y = torch.randn(6, 10), torch.tensor([0, 3, 9, 2, 2, 5])
     hard = module.loss(logits, y)
     soft = module.loss(logits, F.one_hot(y, 10).float())
@@ -191,12 +197,19 @@ def test_soft_target_loss_matches_hard_labels_and_smoothing():
     torch.testing.assert_close(module.loss(logits, module._labels(y.int()[:, None])), hard)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(schedule="linear"), dict(lr=0.0), dict(milestones=(75, 60)), dict(momentum=1.0),
-    dict(label_smoothing=1.0), dict(model="vgg16"), dict(act="swish"),
-    dict(model_kwargs={"in_chans": 1}), dict(eps=None)])
-def test_bad_module_arguments_are_one_sentence_user_errors(kwargs):
-    with pytest.raises(UserError) as err:
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(schedule="linear"), r"unknown schedule 'linear'; choose one of: multistep, cosine"),
+    (dict(optimizer="adam"), r"unknown optimizer 'adam'; choose one of: sgd, adamw"),
+    (dict(lr=0.0), r"lr must be positive, got 0.0"),
+    (dict(milestones=(75, 60)), r"milestones must be increasing positive epochs, got \[75, 60\]"),
+    (dict(momentum=1.0), r"momentum must be in \[0, 1\), got 1.0"),
+    (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\), got 1.0"),
+    (dict(model="vgg16"), r"unknown model 'vgg16'; choose one of: conv_mobilenet_v1, fc_snn"),
+    (dict(act="swish"), r"unknown activation 'swish'; choose one of: dselu, lselu, relu"),
+    (dict(model_kwargs={"in_chans": 1}), r"give in_chans as the model's own argument"),
+    (dict(eps=None), r"sselu needs ε \(eps\); the paper uses ε between 0.01 and 0.07")])
+def test_bad_module_arguments_are_one_sentence_user_errors(kwargs, message):
+    with pytest.raises(ModelError, match=message) as err:
         ImageClassifier(num_classes=10, **{**DEMO, **kwargs})
     assert "\n" not in str(err.value)
 
@@ -205,7 +218,7 @@ def test_bad_module_arguments_are_one_sentence_user_errors(kwargs):
 
 def test_checkpoint_restores_hyperparameters_and_trained_lambda(tmp_path):
     torch.manual_seed(0)
-    module = ImageClassifier(num_classes=10, lr=0.05, **DEMO)
+    module = ImageClassifier(**{**DEMO, "num_classes": 10, "lr": 0.05, "in_chans": 3})
     trainer = _trainer(max_steps=2)
     trainer.fit(module, DataLoader(_images(64), batch_size=32))
     path = tmp_path / "m.ckpt"
@@ -216,7 +229,7 @@ def test_checkpoint_restores_hyperparameters_and_trained_lambda(tmp_path):
     back = [m.lam for m in restored.modules() if isinstance(m, SeluFamilyAct)]
     assert len(lams) == 14 and all(torch.equal(a, b) for a, b in zip(lams, back))
     assert any(a.item() != pytest.approx(1.0474826826808983) for a in lams)  # they trained
-    tab = TabularClassifier(in_features=5, model_kwargs={"depth": 3})
+    tab = TabularClassifier(in_features=5, num_classes=2, model_kwargs={"depth": 3}, **FC)
     trainer = _trainer(max_steps=1)
     x = torch.randn(8, 5)
     trainer.fit(tab, DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8))
@@ -230,13 +243,15 @@ def test_lightning_cli_builds_the_module_from_yaml_style_arguments():
     cli = LightningCLI(L.LightningModule, subclass_mode_model=True, run=False,
                        save_config_callback=None, args={
                            "trainer": {"logger": False, "accelerator": "cpu"},
-                           "model": {"class_path": "models.module.ImageClassifier",
-                                     "init_args": {"num_classes": 10, "act": "lselu",
+                           "model": {"class_path": "models.ImageClassifier",
+                                     "init_args": {"model": "conv_mobilenet_v1",
+                                                   "num_classes": 10, "act": "lselu",
                                                    "eps": 0.03, "milestones": [2, 4],
                                                    "model_kwargs": {"width_mult": 0.25}}}})
     assert isinstance(cli.model, ImageClassifier)
     assert cli.model.hparams.act == "lselu" and tuple(cli.model.hparams.milestones) == (2, 4)
-    assert cli.model.hparams.lr == 0.02  # the paper's ImageNet default
+    # the subclass's own arguments and the base's, reached through **kwargs
+    assert (cli.model.hparams.lr, cli.model.hparams.in_chans) == (0.01, None)
 
 
 def test_bench_train_runs_both_configs_and_reports_the_ratio(tmp_path, capsys):
@@ -252,7 +267,10 @@ def test_bench_train_runs_both_configs_and_reports_the_ratio(tmp_path, capsys):
     assert {(r["config"], r["mode"]) for r in results} == {("sselu", "eager"),
                                                             ("bn_relu", "eager")}
     assert all(r["images_per_s"] > 0 for r in results)
-    with pytest.raises(UserError):
+    from app.errors import UserError
+
+    with pytest.raises(UserError, match="--modes 'eager,jit' names jit; choose from: eager, "
+                                        "compile"):
         train.main(["--device", "cpu", "--modes", "eager,jit"])
 
 
@@ -264,6 +282,8 @@ def test_bench_train_refuses_to_time_the_reference_as_the_op(monkeypatch):
 
     monkeypatch.setattr(cuda_ops, "status", dataclasses.replace(
         cuda_ops.status, cpu="fallback", reason="no C++ compiler found"))
+    from app.errors import UserError
+
     with pytest.raises(UserError, match=r"sSELU op is not built for cpu \(no C\+\+ compiler"):
         train.main(["--device", "cpu", "--steps", "1", "--repeats", "1"])
     # BN+ReLU alone does not need the op
@@ -373,5 +393,5 @@ def test_mixup_callback_runs_on_the_training_batches_until_stop_epoch():
 @pytest.mark.parametrize("kwargs", [dict(alpha=-1.0), dict(alpha=0.0), dict(prob=1.5),
                                     dict(stop_epoch=-1)])
 def test_bad_mixup_arguments_are_user_errors(kwargs):
-    with pytest.raises(UserError):
+    with pytest.raises(ModelError):
         Mixup(**kwargs)

@@ -1,4 +1,4 @@
-"""NormalizationMonitor and the explosion guard, on tiny models trained by a real Trainer."""
+"""NormalizationMonitor and the DivergenceGuard, on tiny models trained by a real Trainer."""
 import gc
 import os
 import re
@@ -19,8 +19,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from app.errors import TrainingDiverged, UserError
-from models.monitor import KINDS, NormalizationMonitor, select_layers
+from models.errors import ModelError, TrainingDiverged
+from models.training.guard import DivergenceGuard, PendingLoss
+from models.training.monitor import NormalizationMonitor
+from models.training.stats import KINDS, select_layers
 
 BATCH = 16
 
@@ -133,17 +135,25 @@ def test_layer_patterns_select_a_subset_by_short_or_full_name():
     net = Tiny(conv_net(), lr=0.0)
     assert [n for n, _ in select_layers(net, ["2", "net.5"])] == ["2", "5"]
     assert [n for n, _ in select_layers(net, "*")] == ["0", "2", "5"]
-    with pytest.raises(UserError, match="match no conv/linear layer"):
+    with pytest.raises(ModelError, match="match no conv/linear layer"):
         select_layers(net, "features.*")
-    with pytest.raises(UserError, match="no conv or linear layer"):
+    with pytest.raises(ModelError, match="no conv or linear layer"):
         select_layers(nn.Sequential(nn.ReLU()))
 
 
 @pytest.mark.parametrize("kw", [{"every_n_steps": 0}, {"figure_every_n_logs": -1},
-                                {"window": 0}, {"max_h2": 0.0}, {"max_loss": -1.0}])
-def test_bad_settings_are_user_errors(kw):
-    with pytest.raises(UserError, match=next(iter(kw))):
+                                {"window": 0}])
+def test_bad_monitor_settings_are_user_errors(kw):
+    with pytest.raises(ModelError, match=f"NormalizationMonitor {next(iter(kw))} must be a "
+                                         f"positive integer"):
         NormalizationMonitor(**kw)
+
+
+@pytest.mark.parametrize("kw", [{"max_h2": 0.0}, {"max_loss": -1.0}, {"max_grad_w": 0}])
+def test_bad_guard_settings_are_user_errors(kw):
+    with pytest.raises(ModelError, match=f"DivergenceGuard {next(iter(kw))} must be positive "
+                                         f"or null"):
+        DivergenceGuard(**kw)
 
 
 def test_a_layer_that_did_not_run_has_no_forward_statistics_and_trips_nothing(tmp_path):
@@ -258,7 +268,8 @@ def last_good_checkpoint(tmp_path: Path) -> Path:
     """A short healthy run that leaves last.ckpt (and a step checkpoint) in tmp_path/ckpt."""
     torch.manual_seed(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
-    trainer(tmp_path, [NormalizationMonitor(every_n_steps=1), ckpt], max_steps=2).fit(
+    trainer(tmp_path, [NormalizationMonitor(every_n_steps=1), DivergenceGuard(), ckpt],
+            max_steps=2).fit(
         Tiny(mlp(), lr=0.01), loader(batches((12,), 2)))
     return tmp_path / "ckpt"
 
@@ -273,7 +284,8 @@ def test_a_planted_divergent_run_stops_in_its_first_steps(tmp_path, every_n_step
     mon = NormalizationMonitor(every_n_steps=every_n_steps)
     # the same checkpoint folder; ModelCheckpoint itself would not save within 1000 steps
     ckpt = ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=1000)
-    run, module = trainer(tmp_path, [mon, ckpt], max_steps=50), Tiny(mlp(), lr=100.0)
+    run = trainer(tmp_path, [mon, DivergenceGuard(), ckpt], max_steps=50)
+    module = Tiny(mlp(), lr=100.0)
     with pytest.raises(TrainingDiverged) as err:
         run.fit(module, loader(batches((12,), 50, seed=1)))
 
@@ -300,7 +312,7 @@ def test_a_planted_divergent_run_stops_in_its_first_steps(tmp_path, every_n_step
     # a second divergence in the same folder writes a new file and keeps the first
     torch.manual_seed(0)
     with pytest.raises(TrainingDiverged, match=r"-v1\.ckpt"):
-        trainer(tmp_path, [NormalizationMonitor(every_n_steps=every_n_steps),
+        trainer(tmp_path, [NormalizationMonitor(every_n_steps=every_n_steps), DivergenceGuard(),
                            ModelCheckpoint(dirpath=folder, every_n_train_steps=1000)],
                 max_steps=50).fit(Tiny(mlp(), lr=100.0), loader(batches((12,), 50, seed=1)))
     assert files(folder)[path.name] == after[path.name]
@@ -308,7 +320,7 @@ def test_a_planted_divergent_run_stops_in_its_first_steps(tmp_path, every_n_step
 
 def test_without_the_guard_the_same_run_goes_on(tmp_path):
     torch.manual_seed(0)
-    mon = NormalizationMonitor(every_n_steps=1, guard=False)
+    mon = NormalizationMonitor(every_n_steps=1)
     run = trainer(tmp_path, [mon], max_steps=8)
     run.fit(Tiny(mlp(), lr=100.0), loader(batches((12,), 8, seed=1)))
     assert run.global_step == 8
@@ -320,18 +332,19 @@ def test_the_first_layer_in_depth_order_beyond_the_bound_is_named(tmp_path):
     net = mlp(depth=4)
     with torch.no_grad():
         net[4].weight.mul_(100.0)  # layer 2 blows up; every layer after it inherits the blow-up
-    mon = NormalizationMonitor(every_n_steps=1, max_h2=100.0)
+    mon = NormalizationMonitor(every_n_steps=1)
     blew_up = r"at step 0: layer 2 \(4\) E\[h²\] = [\d.e+]+ > 100;"
     with pytest.raises(TrainingDiverged, match=blew_up):
-        trainer(tmp_path, [mon], max_steps=3).fit(Tiny(net, lr=0.0), loader(batches((12,), 3)))
+        trainer(tmp_path, [mon, DivergenceGuard(max_h2=100.0)], max_steps=3).fit(
+            Tiny(net, lr=0.0), loader(batches((12,), 3)))
     assert list(tmp_path.glob("checkpoints/diverged-step0.ckpt"))
 
 
 def test_the_loss_bound_trips_without_a_logging_step(tmp_path):
     torch.manual_seed(0)
-    mon = NormalizationMonitor(every_n_steps=1000, max_loss=1e-3)
+    guard = DivergenceGuard(max_loss=1e-3)
     with pytest.raises(TrainingDiverged, match=r"at step 0: loss = [\d.]+ \(bound 0.001\)"):
-        trainer(tmp_path, [mon], max_steps=3).fit(Tiny(mlp(depth=2), lr=0.0),
+        trainer(tmp_path, [guard], max_steps=3).fit(Tiny(mlp(depth=2), lr=0.0),
                                                   loader(batches((12,), 3)))
 
 
@@ -353,12 +366,13 @@ def test_app_fit_exits_3_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pa
                         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                          "init_args": {"dirpath": str(ckpt), "save_last": True,
                                        "every_n_train_steps": 1000}},
-                        {"class_path": "models.monitor.NormalizationMonitor",
-                         "init_args": {"every_n_steps": 50}}]},
-        "model": {"class_path": "models.module.ImageClassifier",
+                        {"class_path": "models.NormalizationMonitor",
+                         "init_args": {"every_n_steps": 50}},
+                        {"class_path": "models.DivergenceGuard"}]},
+        "model": {"class_path": "models.ImageClassifier",
                   "init_args": {"model": "serial_cnn", "act": "sselu", "eps": 0.06,
                                 "model_kwargs": {"depth": 8}, "lr": 0.01}},
-        "data": {"class_path": "data.datamodule.FFCVImageDataModule",
+        "data": {"class_path": "data.FFCVImageDataModule",
                  "init_args": {"source": "digits", "batch_size": 32, "num_workers": 1}},
     }
     cfg = tmp_path / "run.yaml"
@@ -386,8 +400,9 @@ import torch, lightning as L, torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from lightning.pytorch.callbacks import ModelCheckpoint
-from app.errors import TrainingDiverged
-from models.monitor import NormalizationMonitor
+from models.errors import TrainingDiverged
+from models.training.guard import DivergenceGuard
+from models.training.monitor import NormalizationMonitor
 
 class Net(L.LightningModule):
     def __init__(self):
@@ -407,6 +422,7 @@ data = TensorDataset(torch.randn(1024, 12), torch.randint(0, 5, (1024,)))
 trainer = L.Trainer(max_steps=40, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                     enable_progress_bar=False, enable_model_summary=False,
                     callbacks=[NormalizationMonitor(every_n_steps=int(sys.argv[1])),
+                               DivergenceGuard(),
                                ModelCheckpoint(dirpath="ckpt", every_n_train_steps=1000)])
 try:
     trainer.fit(Net(), DataLoader(data, batch_size=16))
@@ -450,24 +466,24 @@ class _Copy:
 def test_device_losses_are_checked_one_step_late_whatever_has_landed():
     """On a GPU each step's loss reaches the host asynchronously; the guard acts on the previous
     step's (waiting for it), so the step it acts at is the same on every rank."""
-    mon = NormalizationMonitor(every_n_steps=10)
+    guard = DivergenceGuard()
     copies = [_Copy() for _ in range(3)]
     for step, event in enumerate(copies):
-        mon._pending.append((step, torch.tensor([0.0, 1.5]), event))
-        mon._check_losses(trainer=None, wait=False)
-        assert [s for s, _, _ in mon._pending] == [step]  # only this step's copy is left
+        guard.pending.append(PendingLoss(step, torch.tensor([0.0, 1.5]), event))
+        guard.check_losses(trainer=None, wait=False)
+        assert [p.step for p in guard.pending] == [step]  # only this step's copy is left
         assert [c.waited for c in copies[:step + 1]] == [True] * step + [False]
-    mon._check_losses(trainer=None, wait=True)  # epoch end, checkpoints: every copy
-    assert not mon._pending and all(c.waited for c in copies)
+    guard.check_losses(trainer=None, wait=True)  # epoch end, checkpoints: every copy
+    assert not guard.pending and all(c.waited for c in copies)
 
 
 def test_a_bad_device_loss_stops_at_the_next_step(tmp_path, monkeypatch):
-    mon = NormalizationMonitor(every_n_steps=10)
+    guard = DivergenceGuard()
     stops = []
-    monkeypatch.setattr(mon, "_diverged", lambda trainer, step, what: stops.append((step, what)))
-    mon._pending.append((4, torch.tensor([1.0, float("nan")]), _Copy()))
-    mon._check_losses(trainer=None, wait=False)
+    monkeypatch.setattr(guard, "stop", lambda trainer, step, what: stops.append((step, what)))
+    guard.pending.append(PendingLoss(4, torch.tensor([1.0, float("nan")]), _Copy()))
+    guard.check_losses(trainer=None, wait=False)
     assert stops == []  # step 4's own batch end: not yet
-    mon._pending.append((5, torch.tensor([0.0, 2.0]), _Copy()))
-    mon._check_losses(trainer=None, wait=False)
+    guard.pending.append(PendingLoss(5, torch.tensor([0.0, 2.0]), _Copy()))
+    guard.check_losses(trainer=None, wait=False)
     assert stops == [(4, "loss = nan")]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models.solver import TABLE5, solve
+from models.theory.solver import TABLE5, solve
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
-from app.errors import UserError
+from models.errors import ModelError
 from models import theory
-from models.solver import TABLE5, SolverError, _sselu_curve, solve
-from models.theory import SeluFamily
+from models.theory.solver import TABLE5, SolverError, _sselu_curve, solve
+from models.theory.moments import SeluFamily
 
 # Rows where the paper's printed values are not the optimum of its own program (see
 # `python -m app solve --table`); each deviation is checked for its reason below.
@@ -90,7 +90,7 @@ def test_solution_is_global_minimum_against_random_feasible_points(name, eps):
     if name == "sselu":
         f = _sselu_curve(eps)(rng.uniform(1e-3, 8, 200_000))
     else:  # λ random; α and κ from the two constraints, all four branches
-        from models.solver import _lselu_curve
+        from models.theory.solver import _lselu_curve
         lam = rng.uniform(1.0, 5.0, 200_000)
         fs = [_lselu_curve(eps, sa, sr)(lam) for sa in (1, -1) for sr in (1, -1)]
         f = SeluFamily(*(np.concatenate([np.broadcast_to(getattr(x, k), lam.shape) for x in fs])
@@ -126,7 +126,7 @@ def test_cached():
 def test_infeasible_or_malformed_requests_raise_one_clear_error(kwargs, needle):
     with pytest.raises(SolverError) as err:
         solve(**kwargs)
-    assert isinstance(err.value, UserError)
+    assert isinstance(err.value, ModelError)
     msg = str(err.value)
     assert needle in msg and "\n" not in msg
 

@@ -4,7 +4,7 @@ import pytest
 from scipy import integrate
 
 from models import theory
-from models.theory import SeluFamily
+from models.theory.moments import SeluFamily
 
 FAMILIES = {
     "relu": SeluFamily(np.sqrt(2.0), 0.0, 1.0, 0.0),

@@ -77,7 +77,7 @@ def _cases(x, grad, act, with_compile: bool) -> list[Case]:
     import torch.nn.functional as F
 
     import cuda_ops
-    from models.functional import selu_family as reference
+    from cuda_ops.reference import selu_family as reference
 
     lam = torch.tensor(act.lam, device=x.device, requires_grad=True)
     xg = x.detach().clone().requires_grad_()
@@ -166,7 +166,7 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from models.solver import solve
+    from models.theory.solver import solve
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda needs a visible GPU; use --device cpu")

@@ -11,7 +11,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--repeats", type=int, default=5, help="cold solves (cache cleared) to time")
     args = p.parse_args(argv)
 
-    from models.solver import TABLE5, _solve_cached, solve
+    from models.theory.solver import TABLE5, _solve_cached, solve
 
     configs = sorted({(r[1], r[2], r[3]) for r in TABLE5}, key=str)
     times = []

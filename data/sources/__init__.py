@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, TypeVar
 
 import numpy as np
 
-from app.errors import UserError
+from data.errors import DataError
 
 SPLITS = ("train", "val")
 
@@ -94,7 +94,7 @@ def list_sources() -> list[str]:
 def get_source(name: str) -> type[ImageSource]:
     key = name.lower().replace("_", "-")
     if key not in _SOURCES:
-        raise UserError(f"unknown source {name!r}; choose one of: {', '.join(list_sources())}")
+        raise DataError(f"unknown source {name!r}; choose one of: {', '.join(list_sources())}")
     return _SOURCES[key]
 
 
@@ -103,7 +103,7 @@ def _check_options(cls: type[ImageSource], options: dict[str, Any]) -> None:
     allowed = [p for p in params if p not in ("self", "root", "split")]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise UserError(f"source {cls.name!r} has no option {unknown[0]!r}; its options are: "
+        raise DataError(f"source {cls.name!r} has no option {unknown[0]!r}; its options are: "
                         f"{', '.join(allowed) or 'none'}")
 
 
@@ -111,20 +111,20 @@ def _check_root(cls: type[ImageSource], root: str | Path | None) -> Path | None:
     if not cls.needs_root:
         return Path(root).expanduser() if root else None
     if root is None or str(root) == "":
-        raise UserError(f"source {cls.name!r} reads files from disk; give their folder with "
+        raise DataError(f"source {cls.name!r} reads files from disk; give their folder with "
                         f"--root DIR (data.root in a config)")
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise UserError(f"root folder {str(path)!r} does not exist; check the path given for "
+        raise DataError(f"root folder {str(path)!r} does not exist; check the path given for "
                         f"source {cls.name!r}")
     return path
 
 
 def open_source(name: str, root: str | Path | None, split: str, **options: Any) -> ImageSource:
-    """Build source ``name`` for ``split`` ('train' or 'val'); bad input raises UserError."""
+    """Build source ``name`` for ``split`` ('train' or 'val'); bad input raises DataError."""
     cls = get_source(name)
     if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     _check_options(cls, options)
     return cls(_check_root(cls, root), split, **options)
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from app.errors import UserError
+from data.errors import DataError
 from data.sources import ImageSource, register_source
 
 
@@ -29,18 +29,18 @@ class _Cifar(ImageSource):
         for base in (root, root / cls.folder):
             if (base / cls.meta_file).is_file():
                 return base
-        raise UserError(f"{str(root)!r} holds no CIFAR {cls.meta_file!r}; point --root at the "
+        raise DataError(f"{str(root)!r} holds no CIFAR {cls.meta_file!r}; point --root at the "
                         f"extracted {cls.folder} folder of the python version")
 
     @staticmethod
     def _load(path: Path) -> dict:
         if not path.is_file():
-            raise UserError(f"CIFAR batch {str(path)!r} is missing; re-extract the archive")
+            raise DataError(f"CIFAR batch {str(path)!r} is missing; re-extract the archive")
         try:
             with open(path, "rb") as fh:
                 return pickle.load(fh, encoding="bytes")
         except (pickle.UnpicklingError, EOFError, ValueError) as err:
-            raise UserError(f"CIFAR batch {str(path)!r} cannot be read ({err}); re-extract "
+            raise DataError(f"CIFAR batch {str(path)!r} cannot be read ({err}); re-extract "
                             f"the archive") from None
 
     @classmethod

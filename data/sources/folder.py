@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.errors import UserError
+from data.errors import DataError
 from data.images import IMAGE_EXTENSIONS, is_image_file, load_rgb
 from data.sources import ImageSource, register_source
 
@@ -52,7 +52,7 @@ class ImageFolder(FileSource):
     def count_classes(cls, root: Path | None, **options) -> int:
         classes = _class_dirs(cls.split_folder(root, "train"))
         if not classes:
-            raise UserError(f"{str(cls.split_folder(root, 'train'))!r} has no class sub-folders; "
+            raise DataError(f"{str(cls.split_folder(root, 'train'))!r} has no class sub-folders; "
                             f"imagefolder expects root/<class>/<image> (or root/train/<class>/...)")
         return len(classes)
 
@@ -64,28 +64,28 @@ class ImageFolder(FileSource):
         folder = self.split_folder(root, split)
         reference = self.split_folder(root, "train")
         if split != "train" and folder == root and reference != root:
-            raise UserError(f"{str(root)!r} has a train/ but no {split}/ sub-folder; arrange "
+            raise DataError(f"{str(root)!r} has a train/ but no {split}/ sub-folder; arrange "
                             f"the {split} images as {str(root / split)}/<class>/<image>")
         self.folder = folder
         self.class_names = _class_dirs(reference)
         if not self.class_names:
-            raise UserError(f"{str(reference)!r} has no class sub-folders; imagefolder expects "
+            raise DataError(f"{str(reference)!r} has no class sub-folders; imagefolder expects "
                             f"root/<class>/<image> (or root/train/<class>/...)")
         index = {c: k for k, c in enumerate(self.class_names)}
         extra = [c for c in _class_dirs(folder) if c not in index]
         if extra:
-            raise UserError(f"class folder {str(folder / extra[0])!r} has no counterpart in "
+            raise DataError(f"class folder {str(folder / extra[0])!r} has no counterpart in "
                             f"{str(reference)!r}; train and val must have the same classes")
         self.files, labels = [], []
         for name in self.class_names:
             found = _images_under(folder / name) if (folder / name).is_dir() else []
             if not found and folder == reference:
-                raise UserError(f"class folder {str(folder / name)!r} holds no images "
+                raise DataError(f"class folder {str(folder / name)!r} holds no images "
                                 f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove it")
             self.files += found
             labels += [index[name]] * len(found)
         if not self.files:
-            raise UserError(f"{str(folder)!r} holds no images in its class folders")
+            raise DataError(f"{str(folder)!r} holds no images in its class folders")
         self.labels = np.asarray(labels, dtype=np.int64)
 
 
@@ -104,14 +104,14 @@ class TinyImageNet(FileSource):
         for base in (root, root / "tiny-imagenet-200"):
             if (base / "wnids.txt").is_file():
                 return base
-        raise UserError(f"{str(root)!r} holds no wnids.txt; point --root at the extracted "
+        raise DataError(f"{str(root)!r} holds no wnids.txt; point --root at the extracted "
                         f"tiny-imagenet-200 folder")
 
     @classmethod
     def _wnids(cls, base: Path) -> list[str]:
         wnids = [w.strip() for w in (base / "wnids.txt").read_text().splitlines() if w.strip()]
         if not wnids:
-            raise UserError(f"{str(base / 'wnids.txt')!r} is empty; re-extract tiny-imagenet-200")
+            raise DataError(f"{str(base / 'wnids.txt')!r} is empty; re-extract tiny-imagenet-200")
         return wnids
 
     @classmethod
@@ -128,7 +128,7 @@ class TinyImageNet(FileSource):
             for w in wnids:
                 found = _images_under(base / "train" / w / "images")
                 if not found:
-                    raise UserError(f"{str(base / 'train' / w / 'images')!r} holds no images; "
+                    raise DataError(f"{str(base / 'train' / w / 'images')!r} holds no images; "
                                     f"re-extract tiny-imagenet-200")
                 self.files += found
                 labels += [index[w]] * len(found)
@@ -151,7 +151,7 @@ class TinyImageNet(FileSource):
     def _val(base: Path, index: dict[str, int]) -> tuple[list[str], list[int]]:
         notes = base / "val" / "val_annotations.txt"
         if not notes.is_file():
-            raise UserError(f"{str(notes)!r} does not exist; Tiny ImageNet's val labels come "
+            raise DataError(f"{str(notes)!r} does not exist; Tiny ImageNet's val labels come "
                             f"from it, re-extract tiny-imagenet-200")
         files, labels = [], []
         for n, line in enumerate(notes.read_text().splitlines(), 1):
@@ -159,10 +159,10 @@ class TinyImageNet(FileSource):
                 continue
             parts = line.split("\t")
             if len(parts) < 2 or parts[1] not in index:
-                raise UserError(f"{str(notes)!r} line {n} names no known wnid; it should read "
+                raise DataError(f"{str(notes)!r} line {n} names no known wnid; it should read "
                                 f"'<file>\\t<wnid>\\t...' with a wnid from wnids.txt")
             files.append(str(base / "val" / "images" / parts[0]))
             labels.append(index[parts[1]])
         if not files:
-            raise UserError(f"{str(notes)!r} lists no images; re-extract tiny-imagenet-200")
+            raise DataError(f"{str(notes)!r} lists no images; re-extract tiny-imagenet-200")
         return files, labels

@@ -43,9 +43,11 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from app.errors import UserError
-from models.layers import Norm, conv_norm_act, linear_layer
-from models.registry import register_model
+from models.errors import ModelError
+from models.layers.blocks import conv_norm_act
+from models.layers.centralized import linear_layer
+from models.layers.norm import Norm
+from models.archs.registry import register_model
 
 # (output channels, stride) of conv2..conv14; conv1 is (32, 2).
 STEM = (32, 2)
@@ -66,10 +68,10 @@ class ConvMobileNetV1(nn.Module):
                  in_chans: int = 3) -> None:
         super().__init__()
         if not width_mult > 0:
-            raise UserError(f"width_mult must be positive, got {width_mult!r}; 1.0 is the "
-                            f"paper's model, 0.25 the CPU demo's.")
+            raise ModelError(f"width_mult must be positive, got {width_mult!r}; 1.0 is the "
+                             f"paper's model, 0.25 the CPU demo's.")
         if not (isinstance(in_chans, int) and in_chans >= 1):
-            raise UserError(f"in_chans must be a positive integer, got {in_chans!r}.")
+            raise ModelError(f"in_chans must be a positive integer, got {in_chans!r}.")
         kw = dict(act_layer=act_layer, norm=norm, weight_centralization=weight_centralization)
         chs = scale_channels(STEM[0], width_mult)
         layers = [conv_norm_act(in_chans, chs, STEM[1], **kw)]

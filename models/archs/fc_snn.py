@@ -12,10 +12,11 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from app.errors import UserError
-from models.dropout import dropout_for
-from models.layers import Norm, linear_layer
-from models.registry import register_model
+from models.errors import ModelError
+from models.layers.dropout import dropout_for
+from models.layers.centralized import linear_layer
+from models.layers.norm import Norm
+from models.archs.registry import register_model
 
 
 class FcSNN(nn.Module):
@@ -26,15 +27,15 @@ class FcSNN(nn.Module):
                  depth: int = 64, width: int = 256, drop_rate: float = 0.0) -> None:
         super().__init__()
         if not (isinstance(in_features, int) and in_features >= 1):
-            raise UserError(f"fc_snn needs in_features, the number of input columns (a positive "
-                            f"integer), got {in_features!r}.")
+            raise ModelError(f"fc_snn needs in_features, the number of input columns (a positive "
+                             f"integer), got {in_features!r}.")
         if not (isinstance(depth, int) and depth >= 2):
-            raise UserError(f"fc_snn depth counts linear layers and must be at least 2, "
-                            f"got {depth!r}.")
+            raise ModelError(f"fc_snn depth counts linear layers and must be at least 2, "
+                             f"got {depth!r}.")
         if not (isinstance(width, int) and width >= 1):
-            raise UserError(f"fc_snn width must be a positive integer, got {width!r}.")
+            raise ModelError(f"fc_snn width must be a positive integer, got {width!r}.")
         if not 0.0 <= drop_rate < 1.0:
-            raise UserError(f"drop_rate must be in [0, 1), got {drop_rate!r}.")
+            raise ModelError(f"drop_rate must be in [0, 1), got {drop_rate!r}.")
         linear, norm_layer = linear_layer(weight_centralization), norm.layer(1)
         blocks, chs = [], in_features
         for _ in range(depth - 1):

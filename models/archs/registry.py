@@ -12,11 +12,12 @@ from typing import Callable
 
 from torch import nn
 
-from app.errors import UserError
-from models.activations import get_act_layer
-from models.layers import NORMS
+from models.errors import ModelError
+from models.layers.activations import get_act_layer
+from models.layers.norm import NORMS
 
-_ARCH_MODULES = ("models.conv_mobilenet_v1", "models.serial_cnn", "models.fc_snn")
+_ARCH_MODULES = ("models.archs.conv_mobilenet_v1", "models.archs.serial_cnn",
+                 "models.archs.fc_snn")
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 # What every entry point receives from create_model; the rest of its signature is arch_kw.
 _COMMON = {"num_classes", "act_layer", "norm", "weight_centralization"}
@@ -57,16 +58,16 @@ def create_model(name: str, *, num_classes: int, act: str = "sselu", eps: float 
     """
     _load()
     if name not in _MODELS:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_MODELS))}.")
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_MODELS))}.")
     if norm not in NORMS:
-        raise UserError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}.")
+        raise ModelError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}.")
     if not (isinstance(num_classes, int) and num_classes >= 1):
-        raise UserError(f"num_classes must be a positive integer, got {num_classes!r}.")
+        raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}.")
     allowed = arch_kwargs(name)
     unknown = sorted(set(arch_kw) - set(allowed))
     if unknown:
-        raise UserError(f"{name} takes no option(s) {', '.join(unknown)}; its options are: "
-                        f"{', '.join(allowed)}.")
+        raise ModelError(f"{name} takes no option(s) {', '.join(unknown)}; its options are: "
+                         f"{', '.join(allowed)}.")
     act_layer = get_act_layer(act, eps=eps, central=central, trainable_lambda=trainable_lambda,
                               lambda_min=lambda_min)
     return _MODELS[name](num_classes=num_classes, act_layer=act_layer, norm=NORMS[norm],

@@ -12,9 +12,11 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from app.errors import UserError
-from models.layers import Norm, conv_norm_act, linear_layer
-from models.registry import register_model
+from models.errors import ModelError
+from models.layers.blocks import conv_norm_act
+from models.layers.centralized import linear_layer
+from models.layers.norm import Norm
+from models.archs.registry import register_model
 
 STAGE_CHANNELS = (16, 32, 64)
 
@@ -27,10 +29,10 @@ class SerialCNN(nn.Module):
                  in_chans: int = 3) -> None:
         super().__init__()
         if not (isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0):
-            raise UserError(f"serial_cnn depth must be 6n + 2 with n ≥ 1 (8, 14, 20, …, 56), "
-                            f"got {depth!r}.")
+            raise ModelError(f"serial_cnn depth must be 6n + 2 with n ≥ 1 (8, 14, 20, …, 56), "
+                             f"got {depth!r}.")
         if not (isinstance(in_chans, int) and in_chans >= 1):
-            raise UserError(f"in_chans must be a positive integer, got {in_chans!r}.")
+            raise ModelError(f"in_chans must be a positive integer, got {in_chans!r}.")
         blocks_per_stage = (depth - 2) // 6
         kw = dict(act_layer=act_layer, norm=norm, weight_centralization=weight_centralization)
         chs = STAGE_CHANNELS[0]

@@ -1,13 +1,13 @@
 """Activation registry: relu, selu, dselu, sselu (eq. 9), lselu (eq. 10), built by name.
 
-``create_act("sselu", eps=0.06, central=True)`` solves λ, α, β from ε with ``models.solver``
+``create_act("sselu", eps=0.06, central=True)`` solves λ, α, β from ε with ``models.theory.solver``
 (cached) and returns one module; ``get_act_layer(...)`` returns the factory that architectures
 take as ``act_layer`` (one module, hence one trainable λ, per activation site). Architectures
 never branch on activation names.
 
-Parameters use the unified f of ``models.functional``: ``beta`` scales the exponent, ``kappa``
-is the negative slope (lSELU's paper-β). Explicit ``lam=``/``alpha=``/``beta=``/``kappa=``
-override the solver; when every free parameter of a family is given, no ε is needed.
+Parameters are those of ``cuda_ops.reference`` (λ, α, β, κ). Explicit ``lam=``/``alpha=``/
+``beta=``/``kappa=`` override the solver; when every free parameter of a family is given, no ε
+is needed.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 import cuda_ops
-from app.errors import UserError
+from models.errors import ModelError
 from models import theory
-from models.solver import solve
+from models.theory.solver import solve
 
 ActLayer = Callable[[], nn.Module]
 
@@ -92,8 +92,8 @@ def _relu(eps: float | None, central: bool, trainable_lambda: bool, lambda_min: 
     solve("relu", eps, central=central)  # the solver's one-sentence errors for eps / central
     if trainable_lambda or params:
         given = ["trainable_lambda"] * trainable_lambda + sorted(params)
-        raise UserError(f"relu has no λ, α, β or κ to set or train (got {', '.join(given)}); "
-                        f"drop them, or use selu/dselu/sselu/lselu.")
+        raise ModelError(f"relu has no λ, α, β or κ to set or train (got {', '.join(given)}); "
+                         f"drop them, or use selu/dselu/sselu/lselu.")
     # Not in place: forward hooks (app diagnose) keep the conv output that ReLU would overwrite.
     return nn.ReLU()
 
@@ -103,15 +103,15 @@ def _selu_family(name: str, eps: float | None, central: bool, trainable_lambda: 
     fam = _SELU_FAMILY[name]
     for key, value in params.items():
         if not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise UserError(f"{key} must be a finite number, got {value!r}.")
+            raise ModelError(f"{key} must be a finite number, got {value!r}.")
         if key in fam.fixed and value != fam.fixed[key]:
-            raise UserError(f"{name} ({fam.equation}) fixes {key}={fam.fixed[key]:g}, got "
-                            f"{key}={value!r}; drop {key}, or pick the activation that frees it.")
+            raise ModelError(f"{name} ({fam.equation}) fixes {key}={fam.fixed[key]:g}, got "
+                             f"{key}={value!r}; drop {key}, or pick the activation that frees it.")
     free = [p for p in _PARAMS if p not in fam.fixed]
     if eps is None and all(p in params for p in free):
         if central:
-            raise UserError(f"central=True solves {name}'s parameters for E[f] = 0, but all of "
-                            f"{', '.join(free)} were given; drop central or one of them.")
+            raise ModelError(f"central=True solves {name}'s parameters for E[f] = 0, but all of "
+                             f"{', '.join(free)} were given; drop central or one of them.")
         values = {**fam.fixed, **params}
     else:
         sol = solve(name, eps, central=central, lambda_min=lambda_min)
@@ -119,7 +119,7 @@ def _selu_family(name: str, eps: float | None, central: bool, trainable_lambda: 
                   **params}
         eps = sol.eps
     if values["lam"] <= 0:
-        raise UserError(f"lam must be positive, got {values['lam']!r}.")
+        raise ModelError(f"lam must be positive, got {values['lam']!r}.")
     return SeluFamilyAct(name, eps=eps, central=central, trainable_lambda=trainable_lambda,
                          **values)
 
@@ -144,11 +144,11 @@ def create_act(name: str, eps: float | None = None, central: bool = False,
     """
     key = str(name).lower()
     if key not in _ACTS:
-        raise UserError(f"unknown activation {name!r}; choose one of: {', '.join(list_acts())}.")
+        raise ModelError(f"unknown activation {name!r}; choose one of: {', '.join(list_acts())}.")
     unknown = set(params) - set(_PARAMS)
     if unknown:
-        raise UserError(f"unknown activation parameter(s) {', '.join(sorted(unknown))}; "
-                        f"the parameters are: {', '.join(_PARAMS)}.")
+        raise ModelError(f"unknown activation parameter(s) {', '.join(sorted(unknown))}; "
+                         f"the parameters are: {', '.join(_PARAMS)}.")
     return _ACTS[key](eps=eps, central=bool(central), trainable_lambda=bool(trainable_lambda),
                       lambda_min=float(lambda_min), **params)
 

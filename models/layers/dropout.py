@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from models import theory
-from models.activations import SeluFamilyAct
+from models.layers.activations import SeluFamilyAct
 
 
 class AlphaDropout(nn.Module):

@@ -1,14 +1,9 @@
 """Mean-field theory of the SELU family: closed forms for every quantity the paper uses.
 
-All activations are one family (``models.functional.selu_family`` is the same f in torch):
-
-    f(x) = λ·x                      x > 0
-    f(x) = λ·(α·e^{βx} + κ·x − α)   x ≤ 0
-
-relu: α = κ = 0;  selu / dselu: β = 1, κ = 0;  sselu (eq. 9): κ = 0;  lselu (eq. 10): β = 1,
-with the paper's β in κ. For z ~ N(0, 1) every integral below has a closed form in the normal
-CDF Φ. They are written with the scaled tail ``M(x) = e^{x²/2}·Φ(−x)`` (``erfcx``), which never
-overflows, because E[e^{cz}; z ≤ 0] = M(c) and e^{x²/2}·φ_N(x) = 1/√(2π).
+f is the family of ``cuda_ops.reference`` (λ, α, β, κ; its docstring maps them to the paper's
+names). For z ~ N(0, 1) every integral below has a closed form in the normal CDF Φ. They are
+written with the scaled tail ``M(x) = e^{x²/2}·Φ(−x)`` (``erfcx``), which never overflows,
+because E[e^{cz}; z ≤ 0] = M(c) and e^{x²/2}·φ_N(x) = 1/√(2π).
 
 Only numpy/scipy here: ``python -m app solve`` imports this without torch.
 """

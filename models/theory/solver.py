@@ -24,9 +24,9 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
-from app.errors import UserError
+from models.errors import ModelError
 from models import theory
-from models.theory import SeluFamily, mills
+from models.theory.moments import SeluFamily, mills
 
 ACTIVATIONS = ("relu", "selu", "dselu", "sselu", "lselu")
 EPS_RANGE = "the paper uses ε between 0.01 and 0.07; any ε in (0, 0.2] solves for sselu/lselu"
@@ -39,7 +39,7 @@ _SQRT_2PI = math.sqrt(2.0 * math.pi)
 _GRID = 4001
 
 
-class SolverError(UserError):
+class SolverError(ModelError):
     """An infeasible or malformed request: the message says why and which range works."""
 
 
@@ -142,7 +142,8 @@ def _feasible(f: SeluFamily, lambda_min: float) -> np.ndarray:
     return ok & (np.nan_to_num(lam, nan=-np.inf) >= lambda_min)
 
 
-def _minimise_gamma(curve: Curve, lo: float, hi: float, lambda_min: float) -> tuple[float, float] | None:
+def _minimise_gamma(curve: Curve, lo: float, hi: float,
+                    lambda_min: float) -> tuple[float, float] | None:
     """Global minimum of γ_{q=1} along the feasible part of the curve: (γ, t) or None."""
     t = np.linspace(lo, hi, _GRID)
     f = curve(t)

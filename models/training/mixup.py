@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from app.errors import UserError
+from models.errors import ModelError
 
 
 def soft_targets(y: Tensor, num_classes: int) -> Tensor:
@@ -60,13 +60,13 @@ class Mixup(L.Callback):
     def __init__(self, alpha: float = 0.7, cutmix_alpha: float = 0.0, switch_prob: float = 0.5,
                  prob: float = 1.0, stop_epoch: int | None = None) -> None:
         if alpha < 0 or cutmix_alpha < 0 or (alpha == 0 and cutmix_alpha == 0):
-            raise UserError(f"Mixup needs alpha > 0 or cutmix_alpha > 0 (both ≥ 0), got "
-                            f"alpha={alpha!r}, cutmix_alpha={cutmix_alpha!r}.")
+            raise ModelError(f"Mixup needs alpha > 0 or cutmix_alpha > 0 (both ≥ 0), got "
+                             f"alpha={alpha!r}, cutmix_alpha={cutmix_alpha!r}.")
         for name, p in (("switch_prob", switch_prob), ("prob", prob)):
             if not 0 <= p <= 1:
-                raise UserError(f"Mixup {name} must be a probability in [0, 1], got {p!r}.")
+                raise ModelError(f"Mixup {name} must be a probability in [0, 1], got {p!r}.")
         if stop_epoch is not None and stop_epoch < 0:
-            raise UserError(f"Mixup stop_epoch must be ≥ 0 or null, got {stop_epoch!r}.")
+            raise ModelError(f"Mixup stop_epoch must be ≥ 0 or null, got {stop_epoch!r}.")
         self.alpha, self.cutmix_alpha = float(alpha), float(cutmix_alpha)
         self.switch_prob, self.prob, self.stop_epoch = switch_prob, prob, stop_epoch
 
@@ -75,9 +75,9 @@ class Mixup(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not hasattr(pl_module, "batch_mixer"):
-            raise UserError(f"the Mixup callback needs a models.module classifier, got "
-                            f"{type(pl_module).__name__}; use ImageClassifier or "
-                            f"TabularClassifier.")
+            raise ModelError(f"the Mixup callback needs a models classifier, got "
+                             f"{type(pl_module).__name__}; use ImageClassifier or "
+                             f"TabularClassifier.")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.batch_mixer = self if self.active(trainer.current_epoch) else None
@@ -95,15 +95,15 @@ class Mixup(L.Callback):
         if self.prob < 1 and float(torch.rand(())) >= self.prob:
             return x, y
         if not x.is_floating_point():
-            raise UserError(f"Mixup needs floating-point inputs, got {x.dtype}; normalize the "
-                            f"images to float in the data pipeline first.")
+            raise ModelError(f"Mixup needs floating-point inputs, got {x.dtype}; normalize the "
+                             f"images to float in the data pipeline first.")
         perm = torch.randperm(x.shape[0], device=x.device)
         use_cutmix = self.cutmix_alpha > 0 and (
             self.alpha == 0 or float(torch.rand(())) < self.switch_prob)
         if use_cutmix:
             if x.dim() < 3:
-                raise UserError(f"CutMix needs images (N, C, H, W), got inputs of shape "
-                                f"{tuple(x.shape)}; set cutmix_alpha: 0 for tabular data.")
+                raise ModelError(f"CutMix needs images (N, C, H, W), got inputs of shape "
+                                 f"{tuple(x.shape)}; set cutmix_alpha: 0 for tabular data.")
             box = cutmix_box(x.shape[-2], x.shape[-1], self._beta(self.cutmix_alpha))
             return cutmix(x, y, box, perm)
         return mixup(x, y, self._beta(self.alpha), perm)

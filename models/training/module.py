@@ -1,20 +1,23 @@
 """LightningModules: ``ImageClassifier`` and ``TabularClassifier`` over one shared base.
 
-The model comes from ``models.create_model``; the optimizer is SGD with the paper's recipe
-(no weight decay on λ, biases and norm scales unless ``decay_all``), the schedule is the
-paper's step decay (``multistep``: epochs in ``milestones``, times ``gamma``) or ``cosine``
-over the whole run, both with optional linear warmup, stepped every optimizer step.
+``ClassifierModule`` holds every training argument once; the two subclasses add only what the
+input decides (image channels and memory format, or the number of tabular columns), which the
+app fills in from the data module. The defaults are generic (SELU, plain SGD); each paper recipe
+lives in its config (``configs/``), nowhere else.
+
+The model comes from ``models.create_model``; the optimizer is SGD (or AdamW) with parameter
+groups that keep weight decay off λ, biases and norm scales unless ``decay_all``; the schedule is
+``models.training.schedule``'s, stepped every optimizer step.
 
 Batches are ``(inputs, labels, ...)`` from FFCV or a torch DataLoader, already on the device.
 Labels are class indices, or probability rows (soft targets) when a batch mixer (the
-``models.mixup.Mixup`` callback) is active; the loss is cross-entropy against either, and
-training accuracy is measured against the argmax of the mixed targets. Gradient clipping by
-value (the paper's [−2, 2]) and precision (``bf16-mixed``) are Trainer settings.
+``models.training.mixup.Mixup`` callback) is active; the loss is cross-entropy against either,
+and training accuracy is measured against the argmax of the mixed targets. Gradient clipping and
+precision are Trainer settings.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import lightning as L
@@ -26,52 +29,27 @@ from torch.utils.hooks import RemovableHandle
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from app.errors import UserError
-from models.registry import create_model
+from models.archs.registry import create_model
+from models.errors import ModelError
+from models.training.schedule import SCHEDULES, LrFactor, StepSchedule
 
-# (inputs, labels, num_classes) -> (inputs, soft targets); set by models.mixup.Mixup.
+# (inputs, labels, num_classes) -> (inputs, soft targets); set by models.training.mixup.Mixup.
 BatchMixer = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
-
-
-@dataclass
-class LrFactor:
-    """LR multiplier at optimizer step ``step``: linear warmup, then multistep or cosine.
-
-    A plain object rather than a lambda so ``LambdaLR`` checkpoints its settings.
-    """
-
-    schedule: str
-    steps_per_epoch: float
-    total_steps: float
-    milestones: tuple[int, ...]
-    gamma: float
-    warmup_steps: int
-    min_lr_ratio: float
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.schedule == "multistep":
-            epoch = step / self.steps_per_epoch
-            return self.gamma ** sum(epoch >= m for m in self.milestones)
-        span = max(1.0, self.total_steps - self.warmup_steps)
-        t = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-SCHEDULES = ("multistep", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 def _accuracy(num_classes: int, prefix: str) -> MetricCollection:
-    # top-5 only where it means something (tabular data is often binary)
+    # top-5 only where it means something (tabular data is often binary); validate_args would
+    # run torch.unique on the device, two host syncs per step
     ks = (1, 5) if num_classes > 5 else (1,)
-    return MetricCollection({f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+    return MetricCollection({f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro",
+                                                           validate_args=False)
                              for k in ks}, prefix=f"{prefix}/")
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise UserError(message)
+        raise ModelError(message)
 
 
 def watch_cpu_bf16_strided_width_1(model: torch.nn.Module) -> list[RemovableHandle]:
@@ -99,20 +77,12 @@ def watch_cpu_bf16_strided_width_1(model: torch.nn.Module) -> list[RemovableHand
             if isinstance(m, torch.nn.Conv2d) and m.stride[1] > 1 and m.kernel_size[1] > 1]
 
 
-def _with_input_size(model_kwargs: dict[str, Any] | None, key: str, value: int) -> dict:
-    """``model_kwargs`` plus the input size, which has its own argument (the data fills it)."""
-    model_kwargs = dict(model_kwargs or {})
-    _check(key not in model_kwargs, f"give {key} as the model's own argument, not inside "
-           f"model_kwargs (got model_kwargs.{key}={model_kwargs.get(key)!r}).")
-    return {**model_kwargs, key: value}
-
-
 class ClassifierModule(L.LightningModule):
     """Shared training logic; use ``ImageClassifier`` or ``TabularClassifier``.
 
     Args:
         model: architecture name in the ``models`` registry.
-        num_classes: number of classes.
+        num_classes: number of classes (filled in from the data).
         act: activation (relu, selu, dselu, sselu, lselu).
         eps: ε of dselu/sselu/lselu (paper eq. 11); null for relu and selu.
         central: solve the centralized activation (eq. 13: E[f] = 0 at the fixed point).
@@ -120,11 +90,12 @@ class ClassifierModule(L.LightningModule):
         weight_centralization: centralize each unit's weights in forward (section 5).
         norm: ``none`` (self-normalizing) or ``batchnorm`` (the BN+ReLU baseline).
         lambda_min: the solver's constraint λ ≥ lambda_min (eq. 11; 1.0 in the paper).
-        model_kwargs: architecture keywords (``width_mult``, ``in_chans``, ``depth``, ...).
-        lr: peak learning rate (SGD).
-        momentum: SGD momentum.
-        nesterov: Nesterov momentum.
-        weight_decay: L2 weight decay on conv/linear weights.
+        model_kwargs: architecture keywords (``width_mult``, ``depth``, ...).
+        optimizer: ``sgd`` (the paper's) or ``adamw``.
+        lr: peak learning rate.
+        momentum: SGD momentum (AdamW: β₁).
+        nesterov: Nesterov momentum (SGD).
+        weight_decay: weight decay on conv/linear weights (AdamW: decoupled).
         decay_all: also decay biases, λ and norm parameters.
         schedule: ``multistep`` or ``cosine``.
         milestones: epochs at which ``multistep`` multiplies the LR by ``gamma``.
@@ -132,23 +103,23 @@ class ClassifierModule(L.LightningModule):
         warmup_epochs: linear LR warmup length in epochs (fractions allowed).
         min_lr_ratio: ``cosine``'s final LR as a fraction of ``lr``.
         label_smoothing: cross-entropy label smoothing.
-        channels_last: NHWC memory format for 4-d inputs (faster convs on tensor cores).
         compile: ``torch.compile`` the network.
     """
 
-    def __init__(self, model: str, num_classes: int, act: str = "sselu",
+    def __init__(self, model: str, num_classes: int, act: str = "selu",
                  eps: float | None = None, central: bool = False,
                  trainable_lambda: bool = False, weight_centralization: bool = False,
                  norm: str = "none", lambda_min: float = 1.0,
-                 model_kwargs: dict[str, Any] | None = None,
+                 model_kwargs: dict[str, Any] | None = None, optimizer: str = "sgd",
                  lr: float = 0.01, momentum: float = 0.9, nesterov: bool = False,
-                 weight_decay: float = 5e-4, decay_all: bool = False,
+                 weight_decay: float = 0.0, decay_all: bool = False,
                  schedule: str = "multistep", milestones: tuple[int, ...] = (),
                  gamma: float = 0.1, warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0,
-                 label_smoothing: float = 0.0, channels_last: bool = False,
-                 compile: bool = False) -> None:
+                 label_smoothing: float = 0.0, compile: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
+        _check(optimizer in OPTIMIZERS,
+               f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}.")
         _check(lr > 0, f"lr must be positive, got {lr!r}.")
         _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum!r}.")
         _check(weight_decay >= 0, f"weight_decay must be ≥ 0, got {weight_decay!r}.")
@@ -163,15 +134,18 @@ class ClassifierModule(L.LightningModule):
         _check(0 <= min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}.")
         _check(0 <= label_smoothing < 1,
                f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+        model_kwargs = dict(model_kwargs or {})
+        for key, value in self.input_kwargs().items():
+            if key in model_kwargs:
+                raise ModelError(f"give {key} as the model's own argument, not inside "
+                                 f"model_kwargs (got model_kwargs.{key}={model_kwargs[key]!r}).")
+            model_kwargs[key] = value
 
         self.num_classes = num_classes
-        self.channels_last = channels_last  # not every subclass's hparams carry it
         self.model = create_model(model, num_classes=num_classes, act=act, eps=eps,
                                   central=central, trainable_lambda=trainable_lambda,
                                   weight_centralization=weight_centralization, norm=norm,
-                                  lambda_min=lambda_min, **(model_kwargs or {}))
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
+                                  lambda_min=lambda_min, **model_kwargs)
         if compile:
             self.model.compile()  # in place: state-dict keys stay those of the eager model
         self.batch_mixer: BatchMixer | None = None
@@ -180,11 +154,13 @@ class ClassifierModule(L.LightningModule):
         self.val_metrics = _accuracy(num_classes, "val")
         self.test_metrics = _accuracy(num_classes, "test")
 
+    def input_kwargs(self) -> dict[str, Any]:
+        """The architecture keywords the input decides (``in_chans``, ``in_features``)."""
+        return {}
+
     # ---- forward and loss -------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     @staticmethod
@@ -265,10 +241,16 @@ class ClassifierModule(L.LightningModule):
                      if math.isfinite(batches) else math.inf)
         return per_epoch, total
 
+    def _optimizer(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        if hp.optimizer == "adamw":
+            return torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=(hp.momentum, 0.999))
+        return torch.optim.SGD(self.param_groups(), lr=hp.lr, momentum=hp.momentum,
+                               nesterov=hp.nesterov)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.SGD(self.param_groups(), lr=hp.lr, momentum=hp.momentum,
-                                    nesterov=hp.nesterov)
+        optimizer = self._optimizer()
         per_epoch, total = self._steps()
         if (hp.milestones and hp.schedule == "multistep") or hp.warmup_epochs:
             _check(math.isfinite(per_epoch), "milestones and warmup_epochs count epochs, but the "
@@ -279,72 +261,52 @@ class ClassifierModule(L.LightningModule):
         factor = LrFactor(hp.schedule, per_epoch, total, tuple(hp.milestones), hp.gamma,
                           round(hp.warmup_epochs * per_epoch) if hp.warmup_epochs else 0,
                           hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+                "lr_scheduler": {"scheduler": StepSchedule(optimizer, factor),
+                                 "interval": "step", "frequency": 1}}
 
 
 class ImageClassifier(ClassifierModule):
-    """Image classification; defaults are the paper's best ImageNet run (section 6.3).
+    """Image classification (Conv MobileNet V1, the serial CNN).
 
-    Conv MobileNet V1 with centralized sSELU (ε = 0.06) and trainable λ; SGD lr 0.02,
-    momentum 0.9, weight decay 4e-5 (Chen et al. 2020b), decayed 10× at epochs 60 and 75 of 90.
-    Add the ``Mixup`` callback for the paper's "+ Mixup". ``in_chans`` is the number of image
-    channels; see ``ClassifierModule`` for the other arguments.
+    Args:
+        in_chans: image channels (the app fills it in from the data; None: 3).
+        channels_last: NHWC memory format for the network, faster convs on tensor cores (the
+            app fills it in from the data, whose batches decide it; None: off).
+        **kwargs: the ``ClassifierModule`` arguments.
     """
 
-    def __init__(self, model: str = "conv_mobilenet_v1", num_classes: int = 1000,
-                 in_chans: int = 3, act: str = "sselu", eps: float | None = 0.06,
-                 central: bool = True, trainable_lambda: bool = True,
-                 weight_centralization: bool = False, norm: str = "none",
-                 lambda_min: float = 1.0, model_kwargs: dict[str, Any] | None = None,
-                 lr: float = 0.02, momentum: float = 0.9, nesterov: bool = False,
-                 weight_decay: float = 4e-5, decay_all: bool = False,
-                 schedule: str = "multistep", milestones: tuple[int, ...] = (60, 75),
-                 gamma: float = 0.1, warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0,
-                 label_smoothing: float = 0.0, channels_last: bool = False,
-                 compile: bool = False) -> None:
-        super().__init__(
-            model=model, num_classes=num_classes, act=act, eps=eps, central=central,
-            trainable_lambda=trainable_lambda, weight_centralization=weight_centralization,
-            norm=norm, lambda_min=lambda_min,
-            model_kwargs=_with_input_size(model_kwargs, "in_chans", in_chans), lr=lr,
-            momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-            decay_all=decay_all, schedule=schedule, milestones=milestones, gamma=gamma,
-            warmup_epochs=warmup_epochs, min_lr_ratio=min_lr_ratio,
-            label_smoothing=label_smoothing, channels_last=channels_last, compile=compile)
+    def __init__(self, in_chans: int | None = None, channels_last: bool | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def input_kwargs(self) -> dict[str, Any]:
+        in_chans = self.hparams.in_chans
+        return {"in_chans": 3 if in_chans is None else in_chans}
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
 
 
 class TabularClassifier(ClassifierModule):
-    """Tabular classification with the 64-layer ``fc_snn`` (paper Appendix E).
+    """Tabular classification with the fully-connected SNN (paper Appendix E).
 
-    ``in_features`` is the number of input columns. Appendix E gives no optimizer settings;
-    the defaults (sSELU ε = 0.017 ≈ 1/64, SGD lr 0.003, cosine, no weight decay) are a starting
-    point: at 64 layers lr 0.01 already stalled or diverged on generated data, clipped or not.
-    See ``ClassifierModule`` for the other arguments.
+    Args:
+        in_features: the number of input columns (filled in from the data).
+        **kwargs: the ``ClassifierModule`` arguments.
     """
 
-    def __init__(self, in_features: int | None = None, model: str = "fc_snn",
-                 num_classes: int = 2,
-                 act: str = "sselu", eps: float | None = 0.017, central: bool = False,
-                 trainable_lambda: bool = False, weight_centralization: bool = False,
-                 norm: str = "none", lambda_min: float = 1.0,
-                 model_kwargs: dict[str, Any] | None = None, lr: float = 0.003,
-                 momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0,
-                 decay_all: bool = False, schedule: str = "cosine",
-                 milestones: tuple[int, ...] = (), gamma: float = 0.1,
-                 warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0,
-                 label_smoothing: float = 0.0, compile: bool = False) -> None:
-        # None only until the app fills it from the data module (a required argument would be
+    def __init__(self, in_features: int | None = None, **kwargs: Any) -> None:
+        # None only until the app fills it in from the data module (a required argument would be
         # demanded by the config parser before the data is known)
         _check(in_features is not None, "TabularClassifier needs in_features; set "
                "model.init_args.in_features or use a data module that provides it.")
-        super().__init__(
-            model=model, num_classes=num_classes, act=act, eps=eps, central=central,
-            trainable_lambda=trainable_lambda, weight_centralization=weight_centralization,
-            norm=norm, lambda_min=lambda_min,
-            model_kwargs=_with_input_size(model_kwargs, "in_features", in_features), lr=lr,
-            momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-            decay_all=decay_all, schedule=schedule, milestones=milestones, gamma=gamma,
-            warmup_epochs=warmup_epochs, min_lr_ratio=min_lr_ratio,
-            label_smoothing=label_smoothing, compile=compile)
+        super().__init__(**kwargs)
+
+    def input_kwargs(self) -> dict[str, Any]:
+        return {"in_features": self.hparams.in_features}
