@@ -7,6 +7,12 @@
 
 namespace selfnorm {
 
+// The op a backward call stands for: grad_x and/or dL/dlam.
+inline const char* backward_name(bool need_x, bool need_lam) {
+  if (!need_x) return "selu_family_backward_lam_only";
+  return need_lam ? "selu_family_backward_lam" : "selu_family_backward";
+}
+
 inline void check_inputs(const at::Tensor& x, const at::Tensor& lam, const char* op) {
   const auto t = x.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
@@ -24,12 +30,21 @@ inline void check_grad(const at::Tensor& grad, const at::Tensor& x, const char* 
               op, ": grad must match x in shape, dtype and device");
 }
 
-// `t` with exactly `like`'s strides, so that both can be walked as one flat array. `like` comes
-// from empty_like and is always dense; `t` is returned as is when it already matches (the
-// common case: contiguous or channels_last activations), else copied once.
+// `t` with exactly `like`'s strides, so that both can be walked as one flat array. `like` is
+// dense (from empty_like, or from dense() below); `t` is returned as is when it already matches
+// (the common case: contiguous or channels_last activations), else copied once.
 inline at::Tensor same_layout(const at::Tensor& t, const at::Tensor& like) {
   if (t.strides() == like.strides()) return t;
   at::Tensor out = at::empty_like(like);
+  out.copy_(t);
+  return out;
+}
+
+// `t` itself when it can be walked as one flat array (contiguous, channels_last or any other
+// dense layout), else a dense copy.
+inline at::Tensor dense(const at::Tensor& t) {
+  if (t.is_non_overlapping_and_dense()) return t;
+  at::Tensor out = at::empty_like(t);
   out.copy_(t);
   return out;
 }

@@ -3,7 +3,8 @@
 //   selu_family(x, lam, alpha, beta, kappa) = lam*x (x > 0), lam*(alpha*expm1(beta*x) + kappa*x)
 //
 // lam is a one-element tensor (a trainable parameter, or a CPU constant). The backward is split
-// in two ops so that a fixed lam pays nothing for the dL/dlam reduction.
+// in three ops, so that a fixed lam pays nothing for the dL/dlam reduction and an x without
+// grad nothing for grad_x.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -15,6 +16,7 @@
 
 #include "common.h"
 #include "cpu/kernel_table.h"
+#include "fast_expm1.h"
 
 namespace selfnorm::cpu {
 
@@ -76,16 +78,19 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& lam, double alpha, dou
 
 // dL/dlam is summed per fixed kGrain-element chunk and the chunks are added in order, so the
 // result does not depend on the number of threads (deterministic two-stage reduction; each
-// chunk itself uses Kahan summation per vector lane).
+// chunk itself uses Kahan summation per vector lane). need_x: compute grad_x; need_lam: compute
+// dL/dlam (one of them at least).
 std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& x,
                                                  const at::Tensor& lam, double alpha,
-                                                 double beta, double kappa, bool need_lam) {
-  const char* op = need_lam ? "selu_family_backward_lam" : "selu_family_backward";
+                                                 double beta, double kappa, bool need_x,
+                                                 bool need_lam) {
+  const char* op = backward_name(need_x, need_lam);
   check_inputs(x, lam, op);
   check_grad(grad, x, op);
-  at::Tensor grad_x = at::empty_like(x);
-  const at::Tensor xd = same_layout(x, grad_x);
-  const at::Tensor gd = same_layout(grad, grad_x);
+  at::Tensor grad_x = need_x ? at::empty_like(x) : at::Tensor();
+  // Walked as one flat array: in grad_x's memory order, or x's when there is no grad_x.
+  const at::Tensor xd = need_x ? same_layout(x, grad_x) : dense(x);
+  const at::Tensor gd = same_layout(grad, need_x ? grad_x : xd);
   const Coeffs c{lam.item<double>(), alpha, beta, kappa};
   const int64_t n = x.numel();
   double lam_sum = 0;
@@ -94,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
     static const Kernel<scalar_t> k = select<scalar_t>();
     const scalar_t* gp = gd.const_data_ptr<scalar_t>();
     const scalar_t* xp = xd.const_data_ptr<scalar_t>();
-    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+    scalar_t* gxp = need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
     if (!need_lam) {
       at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
         k.backward(gp + begin, xp + begin, gxp + begin, end - begin, c, false);
@@ -106,7 +111,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t off = i * kGrain;
-        partial[i] = k.backward(gp + off, xp + off, gxp + off, std::min(kGrain, n - off), c, true);
+        partial[i] = k.backward(gp + off, xp + off, need_x ? gxp + off : nullptr,
+                                std::min(kGrain, n - off), c, true);
       }
     });
     for (const double p : partial) lam_sum += p;
@@ -117,13 +123,33 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
 
 at::Tensor backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lam,
                     double alpha, double beta, double kappa) {
-  return std::get<0>(backward_impl(grad, x, lam, alpha, beta, kappa, false));
+  return std::get<0>(backward_impl(grad, x, lam, alpha, beta, kappa, true, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_lam(const at::Tensor& grad, const at::Tensor& x,
                                                 const at::Tensor& lam, double alpha, double beta,
                                                 double kappa) {
-  return backward_impl(grad, x, lam, alpha, beta, kappa, true);
+  return backward_impl(grad, x, lam, alpha, beta, kappa, true, true);
+}
+
+at::Tensor backward_lam_only(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lam,
+                             double alpha, double beta, double kappa) {
+  return std::get<1>(backward_impl(grad, x, lam, alpha, beta, kappa, false, true));
+}
+
+// Test hook: the 16-bit CUDA forward's e^t - 1 (fast_expm1.h), run here so that a CPU test can
+// measure the error of the very formula the GPU runs. float32 in, float32 out.
+at::Tensor fast_expm1(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "_fast_expm1: t must be float32, got ",
+              t.scalar_type());
+  const at::Tensor in = t.contiguous();
+  at::Tensor out = at::empty_like(in);
+  const float* ip = in.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  at::parallel_for(0, in.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) op[i] = selfnorm::fast_expm1(ip[i]);
+  });
+  return out;
 }
 
 }  // namespace selfnorm::cpu
@@ -136,6 +162,11 @@ TORCH_LIBRARY(selfnorm, m) {
   m.def(
       "selu_family_backward_lam(Tensor grad, Tensor x, Tensor lam, float alpha, float beta, "
       "float kappa) -> (Tensor, Tensor)");
+  m.def(
+      "selu_family_backward_lam_only(Tensor grad, Tensor x, Tensor lam, float alpha, float beta, "
+      "float kappa) -> Tensor");
+  // Test hook (CPU only): the CUDA kernels' 16-bit e^t - 1, for its error test.
+  m.def("_fast_expm1(Tensor t) -> Tensor");
   // Which ISA build of the CPU kernels runs here (DEFAULT, AVX2, AVX512), for `cuda_ops info`.
   m.def("cpu_variant() -> str", [] { return selfnorm::cpu::variant(); });
 }
@@ -144,4 +175,6 @@ TORCH_LIBRARY_IMPL(selfnorm, CPU, m) {
   m.impl("selu_family", &selfnorm::cpu::forward);
   m.impl("selu_family_backward", &selfnorm::cpu::backward);
   m.impl("selu_family_backward_lam", &selfnorm::cpu::backward_lam);
+  m.impl("selu_family_backward_lam_only", &selfnorm::cpu::backward_lam_only);
+  m.impl("_fast_expm1", &selfnorm::cpu::fast_expm1);
 }

@@ -57,21 +57,26 @@ struct Family {
     return Vec::blendv(x, neg, x <= zero) * lam;
   }
 
-  // Returns grad * f'(x). With kLam, also adds grad * f(x)/lam to the Kahan pair (sum, comp);
-  // f(x)/lam uses e^{beta x} - 1 from the same exp: only its sum matters, and the rounding of
-  // each term is unbiased, so the sum keeps float accuracy without a second transcendental.
-  template <bool kLam>
+  // Returns grad * f'(x) (kGradX; else zero). With kLam, also adds grad * f(x)/lam to the Kahan
+  // pair (sum, comp); f(x)/lam uses e^{beta x} - 1 from the same exp: only its sum matters, and
+  // the rounding of each term is unbiased, so the sum keeps float accuracy without a second
+  // transcendental.
+  template <bool kLam, bool kGradX>
   Vec backward(const Vec& grad, const Vec& x, Vec& sum, Vec& comp) const {
     const Vec is_neg = x <= zero;
     const Vec e = (beta * x).exp();
-    Vec slope = alpha_beta * e;
-    if constexpr (kKappa) slope = slope + kappa;
     if constexpr (kLam) {
       Vec neg = alpha * (e - one);
       if constexpr (kKappa) neg = at::vec::fmadd(kappa, x, neg);
       kahan_add(sum, comp, grad * Vec::blendv(x, neg, is_neg));
     }
-    return grad * lam * Vec::blendv(one, slope, is_neg);
+    if constexpr (kGradX) {
+      Vec slope = alpha_beta * e;
+      if constexpr (kKappa) slope = slope + kappa;
+      return grad * lam * Vec::blendv(one, slope, is_neg);
+    } else {
+      return zero;
+    }
   }
 };
 
@@ -96,20 +101,23 @@ void forward_full(const T* x, T* y, int64_t n, const Coeffs& c) {
   if (i < n) f.forward(Vec::loadu(x + i, n - i)).store(y + i, n - i);
 }
 
-template <typename T, bool kKappa, bool kLam>
+template <typename T, bool kKappa, bool kLam, bool kGradX>
 double backward_full(const T* g, const T* x, T* gx, int64_t n, const Coeffs& c) {
   using Vec = Vectorized<T>;
   const Family<T, kKappa> f(c);
   Vec sum(T(0)), comp(T(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    f.template backward<kLam>(Vec::loadu(g + i), Vec::loadu(x + i), sum, comp).store(gx + i);
+    const Vec r = f.template backward<kLam, kGradX>(Vec::loadu(g + i), Vec::loadu(x + i), sum,
+                                                    comp);
+    if constexpr (kGradX) r.store(gx + i);
   }
   if (i < n) {
     // Lanes past n load as 0 (grad 0, x 0) and so add exactly 0 to the sum.
-    const int64_t r = n - i;
-    f.template backward<kLam>(Vec::loadu(g + i, r), Vec::loadu(x + i, r), sum, comp)
-        .store(gx + i, r);
+    const int64_t k = n - i;
+    const Vec r = f.template backward<kLam, kGradX>(Vec::loadu(g + i, k), Vec::loadu(x + i, k),
+                                                    sum, comp);
+    if constexpr (kGradX) r.store(gx + i, k);
   }
   return kLam ? lanes_sum(sum, comp) : 0.0;
 }
@@ -128,26 +136,26 @@ void forward_reduced(const T* x, T* y, int64_t n, const Coeffs& c) {
   if (i < n) step(VecT::loadu(x + i, n - i)).store(y + i, n - i);
 }
 
-template <typename T, bool kKappa, bool kLam>
+template <typename T, bool kKappa, bool kLam, bool kGradX>
 double backward_reduced(const T* g, const T* x, T* gx, int64_t n, const Coeffs& c) {
   using VecT = Vectorized<T>;
   using Vec = Vectorized<float>;
   const Family<float, kKappa> f(c);
   Vec sum(0.f), comp(0.f);
-  auto step = [&](const VecT& gv, const VecT& xv) {
+  auto step = [&](const VecT& gv, const VecT& xv, T* out, int64_t count) {
     auto [g0, g1] = at::vec::convert_to_float<T>(gv);
     auto [x0, x1] = at::vec::convert_to_float<T>(xv);
-    const Vec r0 = f.template backward<kLam>(g0, x0, sum, comp);
-    const Vec r1 = f.template backward<kLam>(g1, x1, sum, comp);
-    return at::vec::convert_from_float<T>(r0, r1);
+    const Vec r0 = f.template backward<kLam, kGradX>(g0, x0, sum, comp);
+    const Vec r1 = f.template backward<kLam, kGradX>(g1, x1, sum, comp);
+    if constexpr (kGradX) at::vec::convert_from_float<T>(r0, r1).store(out, count);
   };
   int64_t i = 0;
   for (; i + VecT::size() <= n; i += VecT::size()) {
-    step(VecT::loadu(g + i), VecT::loadu(x + i)).store(gx + i);
+    step(VecT::loadu(g + i), VecT::loadu(x + i), kGradX ? gx + i : nullptr, VecT::size());
   }
   if (i < n) {
     const int64_t r = n - i;
-    step(VecT::loadu(g + i, r), VecT::loadu(x + i, r)).store(gx + i, r);
+    step(VecT::loadu(g + i, r), VecT::loadu(x + i, r), kGradX ? gx + i : nullptr, r);
   }
   return kLam ? lanes_sum(sum, comp) : 0.0;
 }
@@ -164,20 +172,22 @@ void forward(const T* x, T* y, int64_t n, const Coeffs& c) {
   }
 }
 
-template <typename T, bool kLam>
+template <typename T, bool kLam, bool kGradX>
 double backward_as(const T* g, const T* x, T* gx, int64_t n, const Coeffs& c) {
   if constexpr (kFull<T>) {
-    return c.kappa != 0 ? backward_full<T, true, kLam>(g, x, gx, n, c)
-                        : backward_full<T, false, kLam>(g, x, gx, n, c);
+    return c.kappa != 0 ? backward_full<T, true, kLam, kGradX>(g, x, gx, n, c)
+                        : backward_full<T, false, kLam, kGradX>(g, x, gx, n, c);
   } else {
-    return c.kappa != 0 ? backward_reduced<T, true, kLam>(g, x, gx, n, c)
-                        : backward_reduced<T, false, kLam>(g, x, gx, n, c);
+    return c.kappa != 0 ? backward_reduced<T, true, kLam, kGradX>(g, x, gx, n, c)
+                        : backward_reduced<T, false, kLam, kGradX>(g, x, gx, n, c);
   }
 }
 
 template <typename T>
 double backward(const T* g, const T* x, T* gx, int64_t n, const Coeffs& c, bool need_lam) {
-  return need_lam ? backward_as<T, true>(g, x, gx, n, c) : backward_as<T, false>(g, x, gx, n, c);
+  if (gx == nullptr) return backward_as<T, true, false>(g, x, gx, n, c);
+  return need_lam ? backward_as<T, true, true>(g, x, gx, n, c)
+                  : backward_as<T, false, true>(g, x, gx, n, c);
 }
 
 template <typename T>

@@ -24,8 +24,9 @@ struct Coeffs {
 template <typename T>
 struct Kernel {
   void (*forward)(const T* x, T* y, int64_t n, const Coeffs& c);
-  // Writes grad_x = grad * f'(x); when need_lam, returns sum(grad * f(x) / lam) over the run
-  // (the run's share of dL/dlam, eq. 41 of the paper), else 0.
+  // Writes grad_x = grad * f'(x) unless grad_x is null; when need_lam, returns
+  // sum(grad * f(x) / lam) over the run (the run's share of dL/dlam, eq. 41 of the paper), else 0.
+  // A null grad_x needs need_lam.
   double (*backward)(const T* grad, const T* x, T* grad_x, int64_t n, const Coeffs& c,
                      bool need_lam);
 };
