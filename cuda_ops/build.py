@@ -93,28 +93,26 @@ class Plan:
         kind = "cuda" if self.with_cuda else "cpu"
         return cache_root() / f"torch{torch.__version__}-{kind}-{h.hexdigest()[:12]}"
 
-    @property
-    def library(self) -> Path:
-        return self.directory / f"{NAME}.so"
 
-
-def compile_and_load(p: Plan, verbose: bool = False) -> float:
-    """Build ``p`` (unless its folder holds a finished build) and load it; returns the seconds
-    spent compiling (0 when the cached build was reused)."""
-    if (p.directory / "complete").is_file() and p.library.is_file():
-        _load(p.library)
-        return 0.0
+def compile_and_load(p: Plan, verbose: bool = False) -> tuple[Path, float]:
+    """Build ``p`` (unless its folder holds a finished build) and load it; returns the library
+    and the seconds spent compiling (0 when the cached build was reused)."""
+    folder = p.directory  # hashed once: a source edited meanwhile belongs to the next build
+    library = folder / f"{NAME}.so"
+    if (folder / "complete").is_file() and library.is_file():
+        _load(library)
+        return library, 0.0
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise MissingToolchain("no C++ compiler found (install g++, or point $CXX at one)")
     if shutil.which("ninja") is None:
         raise MissingToolchain("ninja not found (pip install ninja)")
     what = "CPU + CUDA kernels" if p.with_cuda else "CPU kernels"
     arch = f", TORCH_CUDA_ARCH_LIST={p.arch_list}" if p.with_cuda else ""
-    print(f"[cuda_ops] compiling {what}{arch} into {p.directory} (once; 1-2 minutes on 2 cores)",
+    print(f"[cuda_ops] compiling {what}{arch} into {folder} (once; 1-2 minutes on 2 cores)",
           file=sys.stderr, flush=True)
     start = time.monotonic()
     try:
-        p.directory.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         if p.with_cuda:
             os.environ["TORCH_CUDA_ARCH_LIST"] = p.arch_list or DEFAULT_ARCH_LIST
             os.environ["CUDA_HOME"] = str(cuda_home())
@@ -126,10 +124,10 @@ def compile_and_load(p: Plan, verbose: bool = False) -> float:
         # torch/extension.h, so the pip CUDA wheels' headers (maybe another minor) stay out.
         cpp_extension.load(NAME, [str(CSRC / s) for s in p.sources], extra_cflags=list(CFLAGS),
                            extra_cuda_cflags=list(CUDA_CFLAGS), extra_ldflags=list(LDFLAGS),
-                           extra_include_paths=[str(CSRC)], build_directory=str(p.directory),
+                           extra_include_paths=[str(CSRC)], build_directory=str(folder),
                            with_cuda=p.with_cuda, is_python_module=False, verbose=verbose)
     except Exception as err:  # noqa: BLE001 (a failed build must leave the reference usable)
-        log = p.directory / "build.log"
+        log = folder / "build.log"
         try:
             log.write_text(str(err))
             where = f"; full output in {log}"
@@ -137,9 +135,9 @@ def compile_and_load(p: Plan, verbose: bool = False) -> float:
             where = ""
         raise BuildError(f"compiling {what} failed{where}\n{err}") from err
     seconds = time.monotonic() - start
-    (p.directory / "complete").write_text(f"{seconds:.1f}\n")
+    (folder / "complete").write_text(f"{seconds:.1f}\n")
     print(f"[cuda_ops] built {what} in {seconds:.0f} s", file=sys.stderr, flush=True)
-    return seconds
+    return library, seconds
 
 
 def _load(library: Path) -> None:
@@ -188,7 +186,7 @@ def ensure(verbose: bool | None = None) -> Status:
         reason = "no CUDA toolkit with nvcc found (set CUDA_HOME)"
     for p in plans:
         try:
-            seconds = compile_and_load(p, verbose=verbose)
+            library, seconds = compile_and_load(p, verbose=verbose)
         except MissingToolchain as err:
             reason = str(err)  # no other plan can build either; cuda_ops warns once
             break
@@ -198,7 +196,7 @@ def ensure(verbose: bool | None = None) -> Status:
             print(f"[cuda_ops] {reason}", file=sys.stderr, flush=True)
             continue
         cuda = "compiled" if p.with_cuda else ("fallback" if cuda_torch else "not built")
-        return Status(cpu="compiled", cuda=cuda, library=str(p.library),
+        return Status(cpu="compiled", cuda=cuda, library=str(library),
                       cuda_arch_list=p.arch_list, build_seconds=seconds, reason=reason,
                       error=error)
     return Status(cpu="fallback", cuda="fallback" if cuda_torch else "not built", reason=reason,
