@@ -7,10 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from models.training.diagnose import diagnose
-from app.diagnose import format_table
+from models.training.diagnose import _geometry, diagnose
+from app.diagnose import format_table, theory_note
 from app.main import main
 from models import create_model
+from models.layers.activations import create_act
+from models.layers.norm import snn_init_
+from models.theory.propagation import (propagate, propagate_spatial, window_mean,
+                                       window_mean_adjoint)
 
 
 def gaussian_batches(n: int, batch: int, features: int, seed: int = 0) -> list:
@@ -56,10 +60,146 @@ def test_at_the_fixed_point_gradients_grow_by_one_plus_eps_per_layer():
     assert growth == pytest.approx(1.06, abs=0.004)  # 1 + δ_q = 1 + ε at q = 1
 
 
-def test_relu_halves_the_second_moment_per_layer_under_the_snn_init():
+def test_relu_keeps_the_second_moment_under_he_init_and_halves_it_under_the_snn_init():
     d = diagnose(fc_snn("relu", None, depth=6), gaussian_batches(2, 256, 64))
+    assert d.theory_h2[2:] / d.theory_h2[1:-1] == pytest.approx(1.0, rel=0.1)  # v = 2
+    assert d.h2.mean(0)[1:5] == pytest.approx(d.theory_h2[1:5], rel=0.15)
+    net = fc_snn("relu", None, depth=6)
+    snn_init_(net)  # N(0, 1/fan_in): E[relu(h)²] = E[h²]/2 per layer
+    d = diagnose(net, gaussian_batches(2, 256, 64))
     assert d.theory_h2[2:] / d.theory_h2[1:-1] == pytest.approx(0.5, rel=0.1)
     assert d.h2.mean(0)[1:5] == pytest.approx(d.theory_h2[1:5], rel=0.15)
+
+
+def test_for_dense_layers_the_padding_aware_theory_is_the_plain_one():
+    d = diagnose(fc_snn("sselu", 0.06, depth=6, width=64), gaussian_batches(1, 32, 64),
+                 per_sample=4)
+    assert d.theory_kind == ["plain"] * 6 and d.geometry == [None] * 6
+    np.testing.assert_allclose(d.theory_h2, d.theory_h2_plain, rtol=1e-12)
+    np.testing.assert_allclose(d.theory_grad_w, d.theory_grad_w_plain, rtol=1e-12)
+
+
+# ---- the padding-aware (spatial) theory --------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("size,kw", [
+    ((6, 5), dict(kernel_size=3, padding=1)),
+    ((7, 8), dict(kernel_size=3, stride=2, padding=1)),
+    ((6, 6), dict(kernel_size=3, dilation=2, padding="same")),
+    ((5, 7), dict(kernel_size=(3, 4), padding="same")),          # asymmetric: one more after
+    ((4, 4), dict(kernel_size=3, padding=0)),
+    ((6, 6), dict(kernel_size=3, stride=2, padding=1, padding_mode="circular")),
+    ((6, 5), dict(kernel_size=3, padding=2, padding_mode="reflect")),
+    ((9, 7), dict(kernel_size=5, stride=2, padding=2, padding_mode="replicate")),
+])
+def test_the_window_mean_is_a_mean_kernel_convolution_and_its_adjoint_that_conv_gradient(size,
+                                                                                        kw):
+    conv = nn.Conv2d(1, 1, bias=False, **kw).double()
+    nn.init.constant_(conv.weight, 1.0 / conv.weight.numel())
+    geom = _geometry(conv, size)
+    m = torch.rand(1, 1, *size, dtype=torch.float64, requires_grad=True)
+    out = conv(m)
+    assert geom.out_size == tuple(out.shape[2:])
+    np.testing.assert_allclose(window_mean(m.detach()[0, 0].numpy(), geom),
+                               out.detach()[0, 0].numpy(), rtol=1e-12)
+    r = torch.rand_like(out)
+    out.backward(r)
+    np.testing.assert_allclose(window_mean_adjoint(r[0, 0].numpy(), geom),
+                               m.grad[0, 0].numpy(), rtol=1e-12)
+
+
+def test_the_spatial_recursion_matches_a_wide_random_network_position_by_position():
+    """E[h²] at every position of a 7×7 → 4×4 stack (zero padding, a stride, a dilation) with
+    256 channels, against the recursion from the same weights: borders and corners included."""
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(4, 256, 3, padding=1), nn.Conv2d(256, 256, 3, stride=2, padding=1),
+             nn.Conv2d(256, 256, 3, dilation=2, padding="same")]
+    act = create_act("sselu", eps=0.06)
+    snn_init_(nn.Sequential(*convs))
+    x = h = torch.randn(128, 4, 7, 7)
+    measured, sizes = [], []
+    with torch.no_grad():
+        for conv in convs:
+            sizes.append(tuple(h.shape[2:]))
+            h = conv(h)
+            measured.append(h.pow(2).mean((0, 1)).double().numpy())
+            h = act(h)
+    fan_in = np.array([c.weight[0].numel() for c in convs], dtype=float)
+    v = fan_in * [c.weight.double().pow(2).mean().item() for c in convs]
+    f = act.family()
+    _, _, maps = propagate_spatial(fan_in, v, np.full(3, 256.0), [None, f, f],
+                                   [_geometry(c, n) for c, n in zip(convs, sizes)],
+                                   [x.pow(2).mean((0, 1)).double().numpy(), None, None],
+                                   np.ones(3))
+    for got, want in zip(measured, maps):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=0.04)
+    assert maps[1][0, 0] < 0.4 < 0.9 < maps[1][1, 1]  # a corner reads 4 of 9 inputs
+    plain, _ = propagate(fan_in, v, [None, f, f], np.array([x.pow(2).mean().item(), 0, 0]),
+                         np.ones(3))
+    assert plain[2] > 0.9 and measured[2].mean() < 0.35  # what ignoring the padding misses
+
+
+def test_without_zero_padding_the_spatial_theory_is_the_plain_one():
+    """Circular padding keeps every map uniform: the spatial recursion, forward and backward
+    (strides included), reduces to the one-number recursion."""
+    f = create_act("lselu", eps=0.06).family()
+    geom = lambda n, s: _geometry(nn.Conv2d(8, 8, 3, s, 1, padding_mode="circular"), (n, n))
+    geometry = [geom(8, 1), geom(8, 2), geom(4, 1), geom(4, 2), None]
+    rng = np.random.default_rng(0)
+    fan_in = np.array([8 * 9] * 4 + [8 * 4], dtype=float)
+    v = rng.uniform(0.8, 1.2, 5)
+    links = [None, f, f, f, f]
+    q, g, _ = propagate_spatial(fan_in, v, np.full(5, 8.0), links, geometry,
+                                [np.full((8, 8), 1.3)] + [None] * 4, np.full(5, 2.0))
+    q0, g0 = propagate(fan_in, v, links, np.full(5, 1.3), np.full(5, 2.0))
+    np.testing.assert_allclose(q, q0, rtol=1e-12)
+    np.testing.assert_allclose(g, g0, rtol=1e-12, equal_nan=True)
+
+
+def _h2_error(name: str, act: str, eps: float | None, size: int, seeds: int, batch: int,
+              **arch_kw) -> tuple[float, float]:
+    """Max over layers of |E[h²] − theory|, both averaged over weight draws (Gaussian images):
+    (padding-aware, plain)."""
+    rows = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        net = create_model(name, num_classes=10, act=act, eps=eps, **arch_kw)
+        g = torch.Generator().manual_seed(1000 + seed)
+        d = diagnose(net, [(torch.randn(batch, 3, size, size, generator=g),
+                            torch.randint(0, 10, (batch,), generator=g))], per_sample=0)
+        c = d.columns()
+        rows.append((c["h2"], c["h2_theory"], c["h2_theory_plain"]))
+    h2, th, plain = (np.mean(r, 0) for r in zip(*rows))
+    return float(np.abs(h2 - th).max()), float(np.abs(h2 - plain).max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,act,eps,size,seeds,batch,kw", [
+    ("serial_cnn", "sselu", 0.06, 32, 8, 16, dict(depth=56)),
+    ("conv_mobilenet_v1", "lselu", 0.06, 64, 2, 16, dict(width_mult=0.25)),
+])
+def test_the_padding_aware_theory_predicts_e_h2_of_the_papers_cnns(name, act, eps, size, seeds,
+                                                                   batch, kw):
+    err, plain = _h2_error(name, act, eps, size, seeds, batch, **kw)
+    assert err < 0.05 and plain > 0.3, (err, plain)
+
+
+def test_for_he_initialised_relu_the_theory_keeps_e_h2_and_matches_the_first_layers():
+    torch.manual_seed(0)
+    net = create_model("serial_cnn", num_classes=10, act="relu", depth=56)
+    g = torch.Generator().manual_seed(0)
+    d = diagnose(net, [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,)))],
+                 per_sample=2)
+    assert d.links == ["measured"] + ["relu"] * 54 + ["measured"]
+    # v = 2 and E[relu(h)²] = E[h²]/2: no halving per layer, only the weight draws' noise
+    assert np.all((d.theory_h2_plain[:-1] > 1.5) & (d.theory_h2_plain[:-1] < 2.5))
+    # zero padding drains E[h²] from the borders, and ReLU does not restore it
+    assert d.theory_h2[54] < 0.5 * d.theory_h2[0]
+    # beyond the first layers one draw of 16 channels drifts away multiplicatively: the theory
+    # is the mean over draws, and ReLU, unlike the SELU family, has no restoring force
+    np.testing.assert_allclose(d.h2.mean(0)[:2], d.theory_h2[:2], rtol=0.15)
+    assert np.isfinite(d.theory_grad_w[:54]).all()
 
 
 def test_the_chain_restarts_after_pooling_and_norm_layers_and_skips_per_sample_for_bn():

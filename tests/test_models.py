@@ -220,9 +220,61 @@ def _pre_activation_second_moments(act: str, eps: float | None, seed: int) -> li
 def test_64_layer_fc_snn_keeps_the_second_moment_and_relu_drifts(seed):
     sselu = _pre_activation_second_moments("sselu", 0.03, seed)
     assert all(0.5 <= q <= 2.0 for q in sselu), (min(sselu), max(sselu))
+    # He-initialised ReLU keeps E[h²] only on average over draws: one draw drifts (no
+    # restoring force), which is the point of self-normalization
     relu = _pre_activation_second_moments("relu", None, seed)
     assert not all(0.5 <= q <= 2.0 for q in relu)
-    assert relu[-1] < 1e-6  # E[h²] halves per layer: 2^-63 by the logits
+
+
+def _layer_second_moments(model: nn.Module, x: torch.Tensor) -> list[float]:
+    moments: list[float] = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.register_forward_hook(lambda mod, inp, out: moments.append(out.pow(2).mean().item()))
+    with torch.no_grad():
+        model(x)
+    return moments
+
+
+def test_relu_without_a_norm_is_he_initialised_and_with_batchnorm_kaiming():
+    torch.manual_seed(0)
+    model = create_model("serial_cnn", num_classes=10, act="relu")
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 56
+    for m in layers:  # N(0, 2/fan_in) for every conv and the fc, as Chen et al.'s ReLU baseline
+        assert m.weight.var().item() == pytest.approx(2 / m.weight[0].numel(), rel=0.2)
+        assert m.bias is not None and not m.bias.any()
+    assert sum(type(m) is nn.ReLU for m in model.modules()) == 55  # the activation stays ReLU
+    bn = create_model("serial_cnn", num_classes=10, act="relu", norm="batchnorm")
+    convs = [m for m in bn.modules() if isinstance(m, nn.Conv2d)]
+    fan_out = convs[-1].weight.shape[0] * 9
+    assert convs[-1].weight.var().item() == pytest.approx(2 / fan_out, rel=0.1)  # unchanged
+    selu = create_model("serial_cnn", num_classes=10, act="selu")
+    assert selu.fc.weight.var().item() == pytest.approx(1 / 64, rel=0.2)
+
+
+def test_he_init_keeps_relus_second_moment_where_snn_init_halves_it_per_layer():
+    """E[relu(h)²] = E[h²]/2: N(0, 1/fan_in) loses a factor 2 a layer (about 1e-21 at the
+    56-layer CNN's fc), N(0, 2/fan_in) keeps E[h²] = 2·E[x²] in expectation. A single draw of
+    this 16-64-channel CNN still drifts: ReLU has no restoring force, so the draws' random
+    factors multiply (Hanin & Rolnick 2018), which is what self-normalization corrects."""
+    from models.layers.norm import snn_init_
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 32, 32)
+    he = create_model("serial_cnn", num_classes=10, act="relu")
+    v = [m.weight.pow(2).mean().item() * m.weight[0].numel()
+         for m in he.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert v[:2] == pytest.approx([2, 2], rel=0.15)
+    q = _layer_second_moments(he, x)
+    # v·E[x²] less the border: per axis 94 of the 96 taps of a 32-wide map read the image
+    assert q[0] == pytest.approx(v[0] * x.pow(2).mean().item() * (94 / 96) ** 2, rel=0.03)
+    assert q[1] / q[0] == pytest.approx(v[1] / 2 * (94 / 96) ** 2, rel=0.1)
+    assert q[-1] > 1e-6
+    snn = create_model("serial_cnn", num_classes=10, act="relu")
+    snn_init_(snn)
+    q_snn = _layer_second_moments(snn, x)
+    assert q_snn[1] / q_snn[0] == pytest.approx(0.5, rel=0.2)
+    assert q_snn[-1] < 1e-12
 
 
 # ---- alpha dropout ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from torch import nn
 
 from models.errors import ModelError
 from models.layers.activations import get_act_layer
-from models.layers.norm import NORMS
+from models.layers.norm import NORMS, norm_for
 
 _ARCH_MODULES = ("models.archs.conv_mobilenet_v1", "models.archs.serial_cnn",
                  "models.archs.fc_snn")
@@ -53,8 +53,9 @@ def create_model(name: str, *, num_classes: int, act: str = "sselu", eps: float 
     """Build architecture ``name`` with activation ``act`` (parameters solved from ``eps``).
 
     ``lambda_min`` is the solver's λ ≥ λ_min constraint (eq. 11; the paper's ablation uses 0.5).
-    ``norm`` is ``none`` (self-normalizing init, conv biases) or ``batchnorm`` (Kaiming init,
-    no conv biases); ``weight_centralization`` swaps in ``WCConv2d`` / ``WCLinear``.
+    ``norm`` is ``none`` (self-normalizing init, conv biases; He init for ``relu``) or
+    ``batchnorm`` (Kaiming init, no conv biases); ``weight_centralization`` swaps in
+    ``WCConv2d`` / ``WCLinear``.
     """
     _load()
     if name not in _MODELS:
@@ -70,5 +71,5 @@ def create_model(name: str, *, num_classes: int, act: str = "sselu", eps: float 
                          f"{', '.join(allowed)}.")
     act_layer = get_act_layer(act, eps=eps, central=central, trainable_lambda=trainable_lambda,
                               lambda_min=lambda_min)
-    return _MODELS[name](num_classes=num_classes, act_layer=act_layer, norm=NORMS[norm],
+    return _MODELS[name](num_classes=num_classes, act_layer=act_layer, norm=norm_for(norm, act),
                          weight_centralization=bool(weight_centralization), **arch_kw)

@@ -88,7 +88,8 @@ class SeluFamilyAct(nn.Module):
 
 def _relu(eps: float | None, central: bool, trainable_lambda: bool, lambda_min: float,
           **params: float) -> nn.Module:
-    # BN+ReLU baselines: ReLU's scale is BatchNorm's job, so there is nothing to solve or train.
+    # ReLU's scale is BatchNorm's job, or the init's without a norm (He: N(0, 2/fan_in), which is
+    # the solver's λ = √2 put in the weights), so there is nothing to solve or train here.
     solve("relu", eps, central=central)  # the solver's one-sentence errors for eps / central
     if trainable_lambda or params:
         given = ["trainable_lambda"] * trainable_lambda + sorted(params)

@@ -8,7 +8,15 @@ The backward theory is about one sample's gradient: in a batch gradient the samp
 partly cancel, so it grows more slowly with depth. Diagnose therefore also measures per-sample
 gradients (single-sample passes over the first batch's first few samples; skipped for models
 with batch norm, which has no single-sample statistics) and compares the theory with those.
-Zero padding lowers E[h²] of convolutions on small feature maps, which the theory ignores.
+
+Zero padding lowers E[h²] of convolutions at the border of each feature map, and on small maps
+the border is much of the map (about half of E[h²] on 8×8 maps). The theory that applies is
+therefore ``propagate_spatial``, which carries a map of E[h²] per position through each conv's
+kernel, stride, dilation, padding and input size (read from the forward hooks' inputs);
+the plain one-number recursion (``propagate``) is kept beside it, as ``*_plain``. The two agree
+for dense layers. A layer after a global pool restarts from its measured input ("measured"),
+since the pooled features' second moment depends on how positions correlate, which the
+per-position theory does not follow.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ from torch import Tensor, nn
 
 from models.errors import ModelError
 from models.theory.moments import SeluFamily
-from models.theory.propagation import propagate
+from models.theory.propagation import ConvGeometry, propagate, propagate_spatial
 from models.training.plot import figure4
 from models.training.stats import LayerStats, grad_norms, select_layers
 
@@ -45,16 +53,23 @@ class Diagnosis:
     grad_w: np.ndarray          # of each batch's loss
     input_h2: np.ndarray
     grad_w_sample: np.ndarray   # of single samples' losses ([0, layers] when not measured)
-    theory_h2: np.ndarray
+    theory_h2: np.ndarray       # the theory that applies: padding-aware (spatial)
     theory_grad_w: np.ndarray   # per sample; NaN at each chain's anchor (its measurement)
+    theory_h2_plain: np.ndarray         # the one-number recursion, blind to padding
+    theory_grad_w_plain: np.ndarray
+    geometry: list[ConvGeometry | None]  # None: a dense layer (or a conv whose input was not seen)
+    theory_kind: list[str]      # "padding-aware" where a conv's geometry shaped the prediction,
+    #                             "plain" where both theories are the same recursion
 
     def columns(self) -> dict[str, np.ndarray]:
         """Per-layer summary: means over batches, RMS over samples, and the theory."""
         sample = (np.sqrt((self.grad_w_sample ** 2).mean(0)) if len(self.grad_w_sample)
                   else np.full(len(self.names), math.nan))
         return {"h2": self.h2.mean(0), "h2_theory": self.theory_h2,
+                "h2_theory_plain": self.theory_h2_plain,
                 "mean": self.mean.mean(0), "grad_w": self.grad_w.mean(0),
-                "grad_w_sample": sample, "grad_w_theory": self.theory_grad_w}
+                "grad_w_sample": sample, "grad_w_theory": self.theory_grad_w,
+                "grad_w_theory_plain": self.theory_grad_w_plain}
 
     def figure(self, title: str) -> Any:
         """Figure 4 over the batches, with the theory; gradients per sample when measured
@@ -69,8 +84,18 @@ class Diagnosis:
     def to_json(self) -> dict:
         cols = self.columns()
         return {"layers": [{"index": i, "name": n, "theory_from": link,
+                            "theory": kind, **_geometry_json(geom),
                             **{k: _num(c[i]) for k, c in cols.items()}}
-                           for i, (n, link) in enumerate(zip(self.names, self.links))]}
+                           for i, (n, link, kind, geom) in enumerate(
+                               zip(self.names, self.links, self.theory_kind, self.geometry))]}
+
+
+def _geometry_json(geom: ConvGeometry | None) -> dict:
+    if geom is None:
+        return {"in_size": None, "out_size": None}
+    return {"in_size": list(geom.in_size), "out_size": list(geom.out_size),
+            "kernel": list(geom.kernel), "stride": list(geom.stride),
+            "padding": [list(p) for p in geom.padding], "padding_mode": geom.padding_mode}
 
 
 def _fmt(v: float, width: int) -> str:
@@ -106,6 +131,7 @@ def diagnose(model: nn.Module, batches: Iterable[Any], layers: str | list[str] |
     selected = select_layers(model, layers)
     device = next(model.parameters()).device
     stats = LayerStats(selected, inputs=True)
+    maps = _InputMaps(selected)
     trace = _Trace(model)
     was_training = model.training
     model.train()
@@ -113,7 +139,7 @@ def diagnose(model: nn.Module, batches: Iterable[Any], layers: str | list[str] |
         rows, first = [], None
         for batch in batches:
             batch = move_data_to_device(batch, device)
-            with trace if first is None else nullcontext():  # the first forward shows the links
+            with trace if first is None else nullcontext(), maps:  # the first shows the links
                 rows.append(_measure(model, batch, selected, stats, step_loss, context))
             first = batch if first is None else first
         if first is None:
@@ -135,12 +161,23 @@ def diagnose(model: nn.Module, batches: Iterable[Any], layers: str | list[str] |
     grad_sample = (torch.stack(samples).double().numpy() if samples
                    else np.empty((0, len(selected))))
     families = [link[0] if link else None for link in links]
-    th2, tgrad = _theory(selected, families, x2.mean(0), np.sqrt((grad_sample ** 2).mean(0))
-                         if samples else grad.mean(0))
-    if not samples:
-        tgrad[:] = math.nan  # the theory predicts single-sample gradients, not a batch's
+    geometry = [_geometry(m, maps.in_size(i)) for i, (_, m) in enumerate(selected)]
+    anchors = np.sqrt((grad_sample ** 2).mean(0)) if samples else grad.mean(0)
+    fan_in = np.array([m.weight[0].numel() for _, m in selected], dtype=float)
+    channels = np.array([m.weight.shape[0] for _, m in selected], dtype=float)
+    v = fan_in * [float(m.weight.detach().double().pow(2).mean()) for _, m in selected]
+    th2_plain, tgrad_plain = propagate(fan_in, v, families, x2.mean(0), anchors)
+    th2, tgrad, _ = propagate_spatial(fan_in, v, channels, families, geometry,
+                                      maps.means(x2.mean(0)), anchors)
+    if not samples:  # the theory predicts single-sample gradients, not a batch's
+        tgrad[:] = tgrad_plain[:] = math.nan
+    kind, spatial = [], False
+    for f, geom in zip(families, geometry):
+        spatial = geom is not None or (f is not None and spatial)
+        kind.append("padding-aware" if spatial else "plain")
     return Diagnosis([n for n, _ in selected], [link[1] if link else "measured" for link in links],
-                     h2, mean, grad, x2, grad_sample, th2, tgrad)
+                     h2, mean, grad, x2, grad_sample, th2, tgrad, th2_plain, tgrad_plain,
+                     geometry, kind)
 
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -161,6 +198,78 @@ def _measure(model: nn.Module, batch: Any, selected: list[tuple[str, nn.Module]]
     loss.backward()
     moments = stats.moments()[:, [0, 1, 3, 4]]
     return torch.cat([moments, grad_norms(selected, stats.device)[:, None]], dim=1).cpu()
+
+
+class _InputMaps:
+    """Forward hooks that record each layer's input size and E[x²] per position (the mean over
+    samples and channels), summed over the forwards they are entered for."""
+
+    def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
+        self.layers = layers
+        self.in_sizes: list[tuple[int, ...] | None] = [None] * len(layers)
+        self._sums: list[Tensor | None] = [None] * len(layers)
+        self._counts = [0] * len(layers)
+        self._consistent = [True] * len(layers)
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _InputMaps:
+        self._handles = [m.register_forward_hook(self._hook(i))
+                         for i, (_, m) in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, i: int) -> Callable[..., None]:
+        dims = _spatial_dims(self.layers[i][1])
+
+        @torch.compiler.disable  # eager even inside a compiled model, as LayerStats' hooks
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            x = args[0].detach() if args and isinstance(args[0], Tensor) else None
+            if x is None or not module.training or (dims and x.dim() < dims + 1):
+                return
+            size = tuple(x.shape[x.dim() - dims:]) if dims else ()
+            if self.in_sizes[i] not in (None, size):  # one module at several sizes
+                self._consistent[i] = False
+                return
+            self.in_sizes[i] = size
+            over = tuple(range(x.dim() - dims))  # samples and channels (all of a dense input)
+            x2 = torch.linalg.vector_norm(x, dim=over, dtype=torch.float32).square()
+            x2 = x2 / (x.numel() // max(1, x2.numel()))
+            self._sums[i] = x2 if self._sums[i] is None else self._sums[i] + x2
+            self._counts[i] += 1
+        return hook
+
+    def in_size(self, i: int) -> tuple[int, ...] | None:
+        """Layer i's input size (None: it never ran, or ran at several sizes)."""
+        return self.in_sizes[i] if self._consistent[i] else None
+
+    def means(self, fallback: np.ndarray) -> list[np.ndarray]:
+        """Each layer's mean E[x²] map; ``fallback[i]`` (its E[x²]) where none was recorded."""
+        return [(s / c).double().cpu().numpy() if s is not None and ok
+                else np.asarray(fallback[i])
+                for i, (s, c, ok) in enumerate(zip(self._sums, self._counts, self._consistent))]
+
+
+def _spatial_dims(module: nn.Module) -> int:
+    """How many trailing dims of the input are positions: the conv's rank, 0 for dense."""
+    return len(module.kernel_size) if isinstance(module, nn.modules.conv._ConvNd) else 0
+
+
+def _geometry(module: nn.Module, in_size: tuple[int, ...] | None) -> ConvGeometry | None:
+    """The conv's ``ConvGeometry`` at the input size it ran at (None: dense, or never ran)."""
+    dims = _spatial_dims(module)
+    if not dims or in_size is None or getattr(module, "transposed", False):
+        return None
+    # torch stores the padding per axis as (before, after), last axis first (also for 'same')
+    rp = module._reversed_padding_repeated_twice
+    padding = tuple((int(rp[2 * (dims - 1 - a)]), int(rp[2 * (dims - 1 - a) + 1]))
+                    for a in range(dims))
+    geom = ConvGeometry(tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation),
+                        padding, tuple(in_size), module.padding_mode)
+    return geom if all(n >= 1 for n in geom.out_size) else None
 
 
 class _Trace:
@@ -217,11 +326,3 @@ def _links(order: list[nn.Module], selected: list[tuple[str, nn.Module]]
                 links[i] = acts[0]
         prev, between = i, []
     return links
-
-
-def _theory(selected: list[tuple[str, nn.Module]], links: list[SeluFamily | None],
-            input_h2: np.ndarray, grad_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted E[h²] and ‖∂L/∂W‖_F per layer from the layers' weights (``propagate``)."""
-    fan_in = np.array([m.weight[0].numel() for _, m in selected], dtype=float)
-    v = fan_in * [float(m.weight.detach().double().pow(2).mean()) for _, m in selected]
-    return propagate(fan_in, v, links, input_h2, grad_w)
