@@ -8,9 +8,15 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from app.errors import UserError
 from models.theory.solver import ACTIVATIONS, TABLE5, Solution, solve
+
+if TYPE_CHECKING:  # matplotlib only when drawing: solving stays quick to start
+    from matplotlib.figure import Figure
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,56 +70,118 @@ def format_table5() -> str:
     return "\n".join(lines)
 
 
-def write_figures(out: Path, eps: float, central: bool, lambda_min: float) -> list[Path]:
-    """Figures 1-3 of the paper for selu, dselu, sselu and lselu at ``eps``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+# The paper's names, and one style per activation: sSELU and lSELU nearly coincide, so sSELU is
+# a wide pale band underneath and lSELU a dotted line with markers on top, both visible.
+DISPLAY = {"selu": "SELU", "dselu": "dSELU", "sselu": "sSELU", "lselu": "lSELU"}
+STYLES: dict[str, dict] = {
+    "selu": {"color": "tab:blue", "linestyle": "-", "linewidth": 1.6, "zorder": 3},
+    "dselu": {"color": "tab:orange", "linestyle": (0, (6, 2)), "linewidth": 1.6,
+              "marker": "s", "markersize": 4, "zorder": 4},
+    "sselu": {"color": "tab:green", "linestyle": "-", "linewidth": 3.5, "alpha": 0.5,
+              "zorder": 2},
+    "lselu": {"color": "tab:red", "linestyle": (0, (1, 1.5)), "linewidth": 1.8,
+              "marker": "^", "markersize": 5, "zorder": 5},
+}
+
+
+def _label(s: Solution) -> str:
+    return (f"{DISPLAY.get(s.activation, s.activation)}{' (central)' if s.central else ''}"
+            f"  ε={s.eps:.3g}  γ={s.gamma:.3f}")
+
+
+def _style(s: Solution, k: int) -> dict:
+    # markers at staggered, evenly spaced display positions, so close curves keep theirs apart
+    style = dict(STYLES.get(s.activation, {}))
+    if "marker" in style:
+        style["markevery"] = (0.02 + 0.04 * k, 0.12)
+    return style
+
+
+def figure_solutions(eps: float, central: bool, lambda_min: float) -> list[Solution]:
+    """SELU and dSELU, sSELU, lSELU at ``eps`` (sSELU/lSELU centralized with ``central``)."""
+    return [solve("selu")] + [solve(a, eps, central=central and a != "dselu",
+                                    lambda_min=lambda_min) for a in ("dselu", "sselu", "lselu")]
+
+
+def figure1(sols: list[Solution]) -> Figure:
+    """φ(q) against 1/q (the curves cross the ideal 1/q at the fixed point q = 1), and beside it
+    each φ(q) less SELU's, which pulls apart the curves that overlap at the left's scale."""
+    from matplotlib.figure import Figure
 
     from models import theory
 
-    sols = [solve("selu")] + [solve(a, eps, central=central and a != "dselu",
-                                    lambda_min=lambda_min) for a in ("dselu", "sselu", "lselu")]
-    label = lambda s: (f"{s.activation}{' (central)' if s.central else ''}"  # noqa: E731
-                       f" ε={s.eps:.3g} γ={s.gamma:.3f}")
-    out.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(11.5, 4.6), layout="constrained")
+    left, right = fig.subplots(1, 2, sharex=True)
+    x = np.linspace(0.1, 4.0, 400)
+    reference = theory.phi(sols[0].family, 1 / x)
+    for k, s in enumerate(sols):
+        phi = theory.phi(s.family, 1 / x)
+        left.plot(x, phi, label=_label(s), **_style(s, k))
+        right.plot(x, phi - reference, label=_label(s), **_style(s, k))
+    left.plot(x, x, color="k", linestyle="--", linewidth=1, label="1/q (ideal)", zorder=1)
+    left.axhline(1, color="grey", linewidth=0.8, zorder=0)
+    for ax in (left, right):
+        ax.axvline(1, color="grey", linewidth=0.8, linestyle=":", zorder=0)
+        ax.set_xlabel("1/q")
+    left.set(ylabel="φ(q)", title="(a) φ(q) and the ideal 1/q", xlim=(0, 4), ylim=(0, 2.5))
+    base = DISPLAY.get(sols[0].activation, sols[0].activation)
+    right.set(ylabel=f"φ(q) − φ_{base}(q)", title=f"(b) less {base}'s φ(q): the curves apart")
+    left.legend(fontsize=8, loc="upper left")
+    fig.suptitle("Figure 1: φ(q) = E[f'(√q·z)²] against 1/q")
+    return fig
+
+
+def figure2(sols: list[Solution]) -> Figure:
+    """1 + δ_q, the per-layer gradient growth rate, against q."""
+    from matplotlib.figure import Figure
+
+    from models import theory
+
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ax = fig.subplots()
     q = np.linspace(0.05, 3.0, 400)
-    paths = []
+    for k, s in enumerate(sols):
+        ax.plot(q, theory.one_plus_delta_q(s.family, q), label=_label(s), **_style(s, k))
+    ax.axvline(1, color="grey", linewidth=0.8, linestyle=":", zorder=0, label="q = 1 (fixed point)")
+    ax.set(xlabel="q", ylabel="1 + δ_q", title="Figure 2: gradient growth rate 1 + δ_q per layer")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for s in sols:
-        ax.plot(1 / q, theory.phi(s.family, q), label=label(s))
-    ax.plot(1 / q, 1 / q, "k--", lw=1, label="1/q (ideal)")
-    ax.axhline(1, color="grey", lw=0.8)
-    ax.set(xlabel="1/q", ylabel="φ(q)", title="Figure 1: φ(q) against 1/q", xlim=(0, 4),
-           ylim=(0, 4))
-    ax.legend(fontsize=7)
-    paths.append(out / "fig1_phi.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for s in sols:
-        ax.plot(q, theory.one_plus_delta_q(s.family, q), label=label(s))
-    ax.set(xlabel="q", ylabel="1 + δ_q", title="Figure 2: gradient growth rate 1 + δ_q")
-    ax.legend(fontsize=7)
-    paths.append(out / "fig2_delta.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-    plt.close(fig)
+def figure3(sols: list[Solution]) -> Figure:
+    """|E[f(h)]| for h ~ N(μ, σ²), one panel per activation."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
+    from models import theory
+
+    # constrained layout reserves room for the overall title above the panel titles
+    fig = Figure(figsize=(3.6 * len(sols) + 1.4, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(sols), sharey=True, squeeze=False)[0]
     mu = np.linspace(-1.0, 1.0, 201)
-    fig, axes = plt.subplots(1, len(sols), figsize=(4 * len(sols), 3.4), sharey=True)
+    variances = (0.25, 0.5, 1.0, 2.0, 4.0)
+    colors = colormaps["viridis"](np.linspace(0.0, 0.9, len(variances)))  # ordered, like σ²
     for ax, s in zip(axes, sols):
-        for var in (0.25, 0.5, 1.0, 2.0, 4.0):
-            ax.plot(mu, np.abs(theory.output_mean(s.family, mu, var)), label=f"σ²={var:g}")
-        ax.set(xlabel="E[h]", title=label(s))
+        for var, color in zip(variances, colors):
+            ax.plot(mu, np.abs(theory.output_mean(s.family, mu, var)), color=color,
+                    label=f"σ² = {var:g}")
+        ax.axvline(0, color="grey", linewidth=0.8, linestyle=":")
+        ax.set(xlabel="E[h]", title=_label(s).replace("  ε", "\nε", 1))
     axes[0].set_ylabel("|E[f(h)]|")
-    axes[-1].legend(fontsize=7)
-    fig.suptitle("Figure 3: |output mean| for inputs N(E[h], σ²) (eq. 12)")
-    paths.append(out / "fig3_mean.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=8)
+    fig.suptitle("Figure 3: |output mean| for inputs h ~ N(E[h], σ²) (eq. 12)")
+    return fig
+
+
+def write_figures(out: Path, eps: float, central: bool, lambda_min: float) -> list[Path]:
+    """Figures 1-3 of the paper for SELU, dSELU, sSELU and lSELU at ``eps``, as PNGs in ``out``."""
+    sols = figure_solutions(eps, central, lambda_min)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, draw in (("fig1_phi.png", figure1), ("fig2_delta.png", figure2),
+                       ("fig3_mean.png", figure3)):
+        paths.append(out / name)
+        draw(sols).savefig(paths[-1], dpi=120)
     return paths
 
 

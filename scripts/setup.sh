@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One idempotent set-up step, shared by the README, CI and the Dockerfile:
 #   1. system packages FFCV and the op build need (apt, when root or sudo is available),
-#   2. a virtual environment (.venv, or $SELFNORM_VENV; SELFNORM_VENV=system installs into the
-#      current interpreter, as the Docker image does),
+#   2. a virtual environment (.venv, or $SELFNORM_VENV, e.g. the Docker image's /opt/venv;
+#      SELFNORM_VENV=system installs into the current interpreter),
 #   3. the project, editable, with its dev extra; torch pinned by constraints.txt,
 #   4. the compiled SELU-family op (cuda_ops), ahead of time, so no first step waits on it.
+# SELFNORM_DEPS_ONLY=1 stops after the dependencies (1 and 2, and 3 without the project itself):
+# it needs only pyproject.toml, constraints.txt and this script, so the Docker image caches that
+# layer and a source edit rebuilds only the project and the op.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -53,11 +56,32 @@ pip_args=(-q --disable-pip-version-check)
 stamp="$venv/.selfnorm-installed"
 [ "$venv" = system ] && stamp="$root/build/.selfnorm-installed"
 want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  say "installing the project and its dependencies into $venv (first time: several minutes)"
+if [ -n "${SELFNORM_DEPS_ONLY:-}" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  what="the project and its dependencies"
+  [ -z "${SELFNORM_DEPS_ONLY:-}" ] || what="the project's dependencies"
+  say "installing $what into $venv (first time: several minutes)"
   "$py" -m pip install "${pip_args[@]}" --upgrade pip setuptools wheel
   # numpy first: ffcv's sdist build needs it, and ffcv builds against the system opencv/turbojpeg.
   "$py" -m pip install "${pip_args[@]}" numpy
+  if [ -n "${SELFNORM_DEPS_ONLY:-}" ]; then
+    # pyproject's dependencies and dev extra, read without building the project (its source is
+    # not there yet); pip vendors a TOML parser for Pythons before 3.11.
+    reqs="$(mktemp)"
+    "$py" - pyproject.toml >"$reqs" <<'PY'
+import sys
+try:
+    import tomllib
+except ImportError:
+    from pip._vendor import tomli as tomllib
+with open(sys.argv[1], "rb") as f:
+    project = tomllib.load(f)["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["dev"]))
+PY
+    "$py" -m pip install "${pip_args[@]}" ${SELFNORM_PIP_EXTRA:-} -r "$reqs"
+    rm -f "$reqs"
+    say "done (dependencies only): $py"
+    exit 0
+  fi
   "$py" -m pip install "${pip_args[@]}" ${SELFNORM_PIP_EXTRA:-} -e ".[dev]"
   mkdir -p "$(dirname "$stamp")" && echo "$want" > "$stamp"
 else

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from models.theory.solver import TABLE5, solve
@@ -77,3 +78,84 @@ def test_plot_writes_the_three_figures(tmp_path):
     for name in ("fig1_phi.png", "fig2_delta.png", "fig3_mean.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+# ---- the figures a reader sees ----------------------------------------------------------------
+
+def drawn(fig):
+    """``fig`` laid out and drawn by the Agg renderer, and that renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+@pytest.fixture(scope="module")
+def sols():
+    from app.solve import figure_solutions
+
+    return figure_solutions(0.06, central=False, lambda_min=1.0)
+
+
+def test_plot_pngs_are_full_size_images(tmp_path):
+    from PIL import Image
+
+    r = run_app("solve", "--eps", "0.06", "--plot", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    for name, min_width in (("fig1_phi.png", 1200), ("fig2_delta.png", 700),
+                            ("fig3_mean.png", 1800)):
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.width >= min_width and im.height >= 400, im.size
+
+
+def test_figure3_overall_title_clears_the_panel_titles(sols):
+    from app.solve import figure3
+
+    fig = figure3(sols)
+    renderer = drawn(fig)
+    top = next(t for t in fig.texts if t.get_text() == fig.get_suptitle())
+    assert top.get_text().startswith("Figure 3")
+    top = top.get_window_extent(renderer)
+    titles = [ax.title.get_window_extent(renderer) for ax in fig.axes]
+    assert len(titles) == 4
+    for box in titles:
+        assert not top.overlaps(box) and top.y0 >= box.y1, (top, box)
+    for a, b in zip(titles, titles[1:]):
+        assert a.x1 < b.x0  # panel titles side by side, not on top of each other
+    assert fig.bbox.contains(top.x0, top.y0) and fig.bbox.contains(top.x1, top.y1)
+
+
+def curves(ax):
+    return {line.get_label().split()[0]: line for line in ax.get_lines()
+            if line.get_label().split()[0] in ("SELU", "dSELU", "sSELU", "lSELU")}
+
+
+@pytest.mark.parametrize("which", ["figure1", "figure2"])
+def test_every_activation_has_its_own_line_style(sols, which):
+    import app.solve
+
+    fig = getattr(app.solve, which)(sols)
+    lines = curves(fig.axes[0])
+    assert set(lines) == {"SELU", "dSELU", "sSELU", "lSELU"}
+    styles = {(ln.get_linestyle(), ln.get_marker(), ln.get_linewidth()) for ln in lines.values()}
+    assert len(styles) == 4
+    s, l = lines["sSELU"], lines["lSELU"]
+    # the near-identical pair: a wide band underneath, a thin marked line on top
+    assert s.get_linewidth() > 1.5 * l.get_linewidth() and s.get_zorder() < l.get_zorder()
+    assert l.get_marker() not in (None, "None", "")
+    assert l.get_linestyle() != s.get_linestyle()
+
+
+def test_figure1_second_panel_pulls_sselu_and_lselu_apart(sols):
+    from app.solve import figure1
+
+    fig = figure1(sols)
+    drawn(fig)
+    gaps = []
+    for ax in fig.axes:
+        lines = curves(ax)
+        s, l = (ax.transData.transform(lines[k].get_xydata()) for k in ("sSELU", "lSELU"))
+        gaps.append(np.abs(s[:, 1] - l[:, 1]).max())  # pixels apart, at the widest
+    hidden, apart = gaps
+    assert hidden < 5 < 20 < apart, gaps  # on the left they overlap; on the right they do not

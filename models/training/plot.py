@@ -5,12 +5,19 @@ so the training process and ``app diagnose`` can render it headless and from any
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+
+# Rotated tick labels: one per layer while a layer's slot is at least this many points wide,
+# else every k-th layer (the first and the last always named).
+LABEL_POINTS = 7.0
+MAX_WIDTH_IN = 30.0
 
 
 def figure4(h2: np.ndarray, grad_w: np.ndarray, names: Sequence[str], title: str,
@@ -22,20 +29,45 @@ def figure4(h2: np.ndarray, grad_w: np.ndarray, names: Sequence[str], title: str
     gets a box of its samples (log scale, so an explosion stays readable). Optional theory
     predictions ([layers], NaN where there is none) are drawn as lines over the boxes, broken
     at ``chain_starts`` (layers where the theory restarts from a measurement); the dashed line
-    marks the fixed point E[h²] = 1.
+    marks the fixed point E[h²] = 1. The x axis names the layers as ``<index> <name>``, the
+    index as in the monitor's ``norm/<kind>/<index>_<name>`` tags.
     """
     layers = len(names)
-    fig = Figure(figsize=(max(6.0, 0.18 * layers + 2.5), 6.0), dpi=100,
-                 layout="constrained")
+    labels = layer_labels(names)
+    label_in = max(map(len, labels), default=0) * 0.6 * LABEL_POINTS / 72  # rotated text height
+    width = min(MAX_WIDTH_IN, max(6.0, 0.18 * layers + 2.5))
+    fig = Figure(figsize=(width, 5.6 + label_in), dpi=100, layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True)
     _panel(top, h2, "E[h²]", theory_h2, chain_starts)
     top.axhline(1.0, color="0.4", linestyle="--", linewidth=0.8)
     _panel(bottom, grad_w, grad_label, theory_grad_w, chain_starts)
-    step = max(1, layers // 20)
-    bottom.set_xticks(range(0, layers, step))
-    bottom.set_xlabel("layer (depth order)")
+    ticks = label_ticks(layers, slot_points=72 * (width - 1.5) / max(layers, 1))
+    bottom.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=LABEL_POINTS)
+    top.tick_params(axis="x", labelbottom=False)
+    skipped = "" if len(ticks) == layers else f"; one in {ticks[1] - ticks[0]} named"
+    bottom.set_xlabel(f"layer (index and name, in depth order{skipped})")
     fig.suptitle(title)
     return fig
+
+
+def layer_labels(names: Sequence[str]) -> list[str]:
+    """``<index> <name>`` per layer, the index zero-padded as in the monitor's tags."""
+    width = max(2, len(str(len(names) - 1)))
+    return [f"{i:0{width}d} {name}" for i, name in enumerate(names)]
+
+
+def label_ticks(layers: int, slot_points: float) -> list[int]:
+    """The layers to name when each layer's slot on the axis is ``slot_points`` wide: all of them
+    if a rotated label fits a slot, else every k-th, plus the last."""
+    if layers <= 0:
+        return []
+    every = max(1, math.ceil(1.3 * LABEL_POINTS / max(slot_points, 1e-9)))
+    ticks = list(range(0, layers, every))
+    if ticks[-1] != layers - 1:  # the last layer named, its neighbour dropped if too close
+        if len(ticks) > 1 and layers - 1 - ticks[-1] < every:
+            ticks.pop()
+        ticks.append(layers - 1)
+    return ticks
 
 
 def _panel(ax, values: np.ndarray, label: str, theory: np.ndarray | None,
