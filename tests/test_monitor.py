@@ -229,8 +229,108 @@ def test_tensorboard_holds_every_layers_scalars_the_figure_and_histograms(tmp_pa
     assert [im.step for im in images] == [2, 5, 6]
     assert images[0].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
     assert images[0].width > 300 and images[0].height > 300
-    assert {"norm/h2_over_depth", "norm/grad_w_over_depth"} <= set(tags["histograms"])
+    assert set(tags["histograms"]) == {mon.tag(f"{kind}_hist", i) for i in range(3)
+                                       for kind in KINDS}
+    assert "norm/h2_hist/01_2" in tags["histograms"]  # the layer's index and name, as scalars
     assert "norm/layers/text_summary" in tags["tensors"]
+
+
+def test_each_layers_histogram_holds_that_layers_values_over_the_window(tmp_path):
+    torch.manual_seed(0)
+    module = Tiny(conv_net(), lr=0.01)
+    mon = NormalizationMonitor(every_n_steps=1, figure_every_n_logs=3)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer(tmp_path, [mon], max_steps=7, logger=logger).fit(module, loader(batches((3, 6, 6), 7)))
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"),
+                              size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    # drawn after steps 2 and 5 (every 3rd record) and at the end (step 6), each over the
+    # window of the last 3 records
+    windows = {2: [0, 1, 2], 5: [3, 4, 5], 6: [4, 5, 6]}
+    for i in range(3):
+        for kind in KINDS:
+            scalars = {e.step: e.value for e in events.Scalars(mon.tag(kind, i))}
+            hists = events.Histograms(mon.tag(f"{kind}_hist", i))
+            assert [h.step for h in hists] == list(windows)
+            for h in hists:
+                values = [scalars[step] for step in windows[h.step]]
+                v = h.histogram_value
+                assert v.num == 3
+                assert (v.min, v.max, v.sum) == (pytest.approx(min(values), rel=1e-5),
+                                                 pytest.approx(max(values), rel=1e-5),
+                                                 pytest.approx(sum(values), rel=1e-5))
+    # the layers differ, so one histogram over depth would have mixed them up
+    firsts = [events.Histograms(mon.tag("h2_hist", i))[0].histogram_value.max for i in range(3)]
+    assert len(set(firsts)) == 3
+
+
+def test_a_layer_that_did_not_run_gets_no_forward_histograms(tmp_path):
+    class Skips(Tiny):
+        def __init__(self):
+            super().__init__(mlp(depth=2), lr=0.01)
+            self.unused = nn.Linear(3, 3)
+
+    mon = NormalizationMonitor(every_n_steps=1, figure_every_n_logs=2)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer(tmp_path, [mon], max_steps=2, logger=logger).fit(Skips(), loader(batches((12,), 2)))
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"histograms": 0})
+    events.Reload()
+    hists = set(events.Tags()["histograms"])
+    unused = len(mon.names) - 1
+    assert mon.tag("grad_w_hist", unused) in hists  # a zero gradient is a value
+    assert not {mon.tag("h2_hist", unused), mon.tag("mean_hist", unused)} & hists
+    assert mon.tag("h2_hist", 0) in hists
+
+
+# ---- the Figure 4 image -----------------------------------------------------------------------
+
+def tick_texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_xticklabels()]
+
+
+@pytest.mark.parametrize("layers", [3, 15, 56])
+def test_figure4_names_every_layer_on_its_axis(layers):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from models.training.plot import figure4
+
+    names = ["conv1.conv"] + [f"stages.{i // 18}.{i % 18 // 2}.{i % 2}.conv"
+                              for i in range(layers - 2)] + ["fc"]
+    rng = np.random.default_rng(0)
+    fig = figure4(rng.lognormal(size=(5, layers)), rng.lognormal(size=(5, layers)), names,
+                  "sselu, ε = 0.06")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    top, bottom = fig.axes[:2]
+    width = max(2, len(str(layers - 1)))
+    assert tick_texts(bottom) == [f"{i:0{width}d} {n}" for i, n in enumerate(names)]
+    assert list(bottom.get_xticks()) == list(range(layers))
+    assert not any(tick_texts(top))  # shared axis: names once, under the lower panel
+    boxes = [t.get_window_extent(renderer) for t in bottom.get_xticklabels()]
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:]))  # rotated, side by side
+    assert all(fig.bbox.contains(b.x0, b.y0) for b in boxes)  # none cut off
+
+
+def test_figure4_names_a_readable_subset_of_very_many_layers():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from models.training.plot import figure4, to_rgb
+
+    layers = 400
+    names = [f"blocks.{i // 4}.conv{i % 4}" for i in range(layers)]
+    fig = figure4(np.ones((2, layers)), np.ones((2, layers)), names, "deep")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    bottom = fig.axes[1]
+    ticks = [int(t) for t in bottom.get_xticks()]
+    assert ticks[0] == 0 and ticks[-1] == layers - 1 and len(ticks) < layers
+    assert tick_texts(bottom) == [f"{i:03d} {names[i]}" for i in ticks]
+    boxes = [t.get_window_extent(renderer) for t in bottom.get_xticklabels()]
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:]))
+    assert "one in" in bottom.get_xlabel()
+    assert to_rgb(fig).shape[1] <= 3000  # a bounded image, for TensorBoard
 
 
 def test_scalar_values_in_tensorboard_are_the_records(tmp_path):

@@ -4,7 +4,7 @@
 E[h²] and the mean of each conv/linear layer's output pre-activation h and the Frobenius norm
 ‖∂L/∂W‖_F of its weight gradient — exactly the two quantities of Figure 4 — and logs them as
 scalars (``norm/h2/…``, ``norm/mean/…``, ``norm/grad_w/…``) plus, every few records and at
-each epoch's end, the Figure 4 image and histograms.
+each epoch's end, the Figure 4 image and per-layer histograms over the recent records.
 
 It is cheap by construction: forward hooks exist only during logging steps; each hook adds two
 float32 reductions on the device (no host sync, no collective); everything reaches the host in
@@ -43,8 +43,8 @@ class NormalizationMonitor(L.Callback):
     Args:
         every_n_steps: record every N optimizer steps (step 0, the initialisation, included).
         layers: fnmatch pattern(s) selecting layers by name; default every conv/linear layer.
-        figure_every_n_logs: every K records, log the Figure 4 image and histograms (also at
-            the end of each epoch with new records).
+        figure_every_n_logs: every K records, log the Figure 4 image and the per-layer
+            histograms (also at the end of each epoch with new records).
         window: records each figure summarises (default ``figure_every_n_logs``).
         title: figure title; default: the model's activations and ε.
     """
@@ -153,7 +153,9 @@ class NormalizationMonitor(L.Callback):
             self._draw(trainer)
 
     def _draw(self, trainer: L.Trainer) -> None:
-        """Figure 4 over the recent window, and histograms of this step's values over depth."""
+        """Figure 4 over the recent window, and per layer a histogram of each statistic over
+        that window (``norm/<kind>_hist/<index>_<name>``: TensorBoard's histogram and
+        distribution panels then show one layer's spread as training goes on)."""
         self._drawn = self._logs
         exps = _tensorboards(trainer)
         if not exps:
@@ -164,13 +166,13 @@ class NormalizationMonitor(L.Callback):
         window = np.stack([st for _, st in self.history])  # [records, layers, kinds]
         image = to_rgb(figure4(window[..., 0], window[..., 2], names=self.names,
                                title=f"{self.title} — steps {steps[0]}–{steps[-1]}"))
-        latest = window[-1]
         for exp in exps:
             exp.add_image("norm/figure4", image, steps[-1], dataformats="HWC")
             for k, kind in enumerate(KINDS):
-                values = latest[:, k][np.isfinite(latest[:, k])]
-                if values.size:
-                    exp.add_histogram(f"norm/{kind}_over_depth", values, steps[-1])
+                for i in range(window.shape[1]):
+                    values = window[:, i, k][np.isfinite(window[:, i, k])]
+                    if values.size:  # a layer that never ran has no forward statistics
+                        exp.add_histogram(self.tag(f"{kind}_hist", i), values, steps[-1])
 
 
 def _tensorboards(trainer: L.Trainer) -> list[Any]:
