@@ -10,6 +10,7 @@ the model, even before the .beton files exist.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from data.errors import DataError
 from data import pipelines
+from data.augment import seeded_ops
 from data.loader import FFCVLoader
 from data.prepare import Preparation, default_beton, prepare
 from data.sidecar import beton_labels, read_sidecar
@@ -29,6 +31,9 @@ Order = Literal["random", "quasi_random", "sequential"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 
 # Trainer precision -> the dtype batches are normalised into (ffcv-imagenet feeds fp16 to AMP).
+# the data module's own settings travel in checkpoints (hyper_parameters): safe to unpickle
+torch.serialization.add_safe_globals([Preparation, pipelines.ProgressiveResizing])
+
 PRECISION_DTYPES = {
     "16-mixed": torch.float16, "16-true": torch.float16,
     "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
@@ -75,8 +80,10 @@ class FFCVImageDataModule(LightningDataModule):
         drop_last: drop the last incomplete train batch.
         distributed: shard the data across ranks; default: on when the trainer's world size
             is above one. Each epoch reshuffles with ``seed`` + epoch, as DistributedSampler.
-        seed: seed of the train order (the same on every rank); the prepared data does not
-            depend on it, so runs with different seeds share the betons.
+        seed: seed of the train order and of the augmentations (the same on every rank; each
+            sample's crop and flip depend on it, the epoch and the sample only). Default: the
+            run's ``seed_everything``. The prepared data does not depend on it, so runs with
+            different seeds share the betons.
         prepare: how missing betons are written from ``source`` (storage options, ``subset``,
             ``skip_bad``; default: the source's).
     """
@@ -106,7 +113,7 @@ class FFCVImageDataModule(LightningDataModule):
         batches_ahead: int = 3,
         drop_last: bool = True,
         distributed: bool | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         prepare: Preparation | None = None,
     ):
         super().__init__()
@@ -257,6 +264,19 @@ class FFCVImageDataModule(LightningDataModule):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # a batch here reaches the training step: what a resumed epoch skips
+        trainer = self.trainer
+        if trainer is not None and trainer.training and "train" in self._loaders:
+            self._loaders["train"].consumed += 1
+        return batch
+
+    def run_seed(self) -> int:
+        """``seed``, else the run's (``seed_everything`` sets PL_GLOBAL_SEED), else 0."""
+        if self.seed is not None:
+            return int(self.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def teardown(self, stage: str | None = None) -> None:
         for loader in self._loaders.values():
             loader.close()
@@ -333,7 +353,7 @@ class FFCVImageDataModule(LightningDataModule):
             os_cache=self.os_cache,
             order=OrderOption[order.upper()],
             distributed=distributed,
-            seed=self.seed,
+            seed=self.run_seed(),
             drop_last=self.drop_last if train else False,
             batches_ahead=self.batches_ahead,
             pipelines={
@@ -342,18 +362,22 @@ class FFCVImageDataModule(LightningDataModule):
                 "label": pipelines.label_pipeline(device),
             },
         )
-        epoch = before = None
+        epoch = None
         if train and self.trainer is not None:
             epoch = lambda: self.trainer.current_epoch  # noqa: E731 - resumes continue the order
-        if train and self.progressive is not None:
-            decoder = steps[0]
+        seeded = seeded_ops(steps)
+        for op in seeded:
+            op.set_seed(self.run_seed())
 
-            def before(e: int) -> None:
+        def before(e: int) -> None:
+            for op in seeded:
+                op.set_epoch(e)
+            if train and self.progressive is not None:
                 side = self.train_resolution(e)
-                decoder.output_size = (side, side)
+                steps[0].output_size = (side, side)
         stats = {} if pipelines.normalized_on_host(device) else {"mean": self.mean, "std": self.std}
         return FFCVLoader(loader, device=device, dtype=dtype, channels_last=self.channels_last,
-                          epoch=epoch, before_epoch=before, **stats)
+                          epoch=epoch, before_epoch=before if train else None, **stats)
 
     def _check_fixed_size(self, path: Path, side: int) -> None:
         from data.sidecar import beton_image_sizes

@@ -19,6 +19,12 @@
 * ffcv's OS-cache reader marks numba's shared, interned ``uint8[::1]`` type read-only by
   mutating it, which corrupts numba's dispatcher tables ("Exception ignored ... KeyError" each
   time a loader is freed); the same reader is compiled with a read-only type of its own.
+* ffcv's producer thread starts on CUDA device 0 and enters ``torch.cuda.stream`` on the
+  loader's device: on CUDA ≥ 12 that creates a context on GPU 0 from every DDP rank (~0.5 GB
+  each). The thread first makes the loader's device its current one.
+* A run resumed mid-epoch would repeat the epoch from its start: the loader is stateful
+  (``state_dict``/``load_state_dict``, which Lightning saves with the checkpoint), and a resumed
+  epoch skips the batches already trained, in the same order.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from torch import Tensor
 def _patch_ffcv() -> None:
     import numba
     import numpy as np
+    from ffcv.loader.epoch_iterator import EpochIterator
     from ffcv.memory_managers.os_cache import OSCacheManager
     from ffcv.pipeline.compiler import Compiler
 
@@ -51,8 +58,17 @@ def _patch_ffcv() -> None:
         table = numba.uint64[::1]
         return Compiler.compile(read, data(numba.uint64, numba.types.Tuple([data, table, table])))
 
+    run = EpochIterator.run
+
+    def run_on_the_loaders_device(self) -> None:
+        stream = getattr(self, "current_stream", None)  # created on the loader's device
+        if stream is not None and stream.device.type == "cuda":
+            torch.cuda.set_device(stream.device)
+        run(self)
+
     Compiler.set_num_threads = classmethod(set_num_threads)
     OSCacheManager.compile_reader = compile_reader
+    EpochIterator.run = run_on_the_loaders_device
 
 
 _patch_ffcv()
@@ -104,10 +120,12 @@ class FFCVLoader:
     says; labels int64 on ``device``.
 
     With ``mean``/``std`` the pipeline delivers uint8 images that are normalised here (on the
-    GPU), in float32 (float64 for float64) and rounded once to ``dtype``; without, it already
-    normalised them (on the CPU) and they are only copied out.
+    GPU) in one pass, computed in float32 (float64 for float64) and rounded once to ``dtype``;
+    without, it already normalised them (on the CPU) and they are only copied out.
     ``epoch()`` gives the epoch whose order the next iteration uses (default: count the
-    iterations, as ffcv does); ``before_epoch(epoch)`` runs first (progressive resizing).
+    iterations, as ffcv does); ``before_epoch(epoch)`` runs first (seeded augmentation,
+    progressive resizing). ``consumed`` counts the batches of the current epoch that reached the
+    training step (the data module counts them): a checkpoint's ``state_dict`` records it.
     """
 
     def __init__(self, loader, *, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -118,7 +136,7 @@ class FFCVLoader:
         self.device = device
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self._shift: Tensor | None = None
+        self._bias: Tensor | None = None
         self._scale: Tensor | None = None
         if mean is not None and std is not None:
             # Kept in float32 at least: in bf16 the ImageNet shift 123.675 would be 123.5.
@@ -127,12 +145,16 @@ class FFCVLoader:
             def channels(values: list[float]) -> Tensor:
                 return torch.tensor(values, dtype=work, device=device).view(1, -1, 1, 1)
 
-            self._shift = channels([255.0 * m for m in mean])
+            # (x − 255·mean)/(255·std) = x·scale + bias
             self._scale = channels([1.0 / (255.0 * s) for s in std])
+            self._bias = channels([-m / s for m, s in zip(mean, std)])
         self._count = 0
         self._epoch = epoch or (lambda: self._count)
         self._before_epoch = before_epoch
         self._active = None
+        self.epoch = -1        # the epoch being (or last) iterated
+        self.consumed = 0      # its batches that reached the training step
+        self._resume: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -141,19 +163,43 @@ class FFCVLoader:
     def batch_size(self) -> int:
         return self.loader.batch_size
 
+    # -- resumable state (Lightning saves it with the checkpoint) -----------------------------
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """The next iteration of ``state['epoch']`` skips its first ``consumed`` batches."""
+        self._resume = (int(state["epoch"]), int(state["consumed"]))
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        from ffcv.loader.epoch_iterator import EpochIterator
+        from ffcv.pipeline.compiler import Compiler
+
         self.close()
         epoch = int(self._epoch())
         if self._before_epoch is not None:
             self._before_epoch(epoch)
-        self.loader.next_epoch = epoch
+        skip = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            skip = self._resume[1] if self._resume[1] < len(self) else 0
+        self._resume = None
+        self.epoch, self.consumed = epoch, skip
+        loader = self.loader
+        loader.next_epoch = epoch
         self._count = epoch + 1
+        # ffcv's Loader.__iter__, with the already-trained part of a resumed epoch left out
+        Compiler.set_num_threads(loader.num_workers)
+        order = loader.next_traversal_order()[:len(loader) * loader.batch_size]
+        loader.next_epoch += 1
+        if loader.code is None or loader.recompile:
+            loader.generate_code()
         # ffcv allocates its batch buffers here and fills them from its own thread, which runs
         # outside inference mode: buffers made under Lightning's inference_mode (validate, test,
         # predict) would be inference tensors, the thread's in-place writes would fail and the
         # loop would wait forever.
         with torch.inference_mode(False):
-            it = iter(self.loader)  # starts the producer now, ahead of the first next()
+            it = EpochIterator(loader, order[skip * loader.batch_size:])
         self._active = it
         return self._batches(it)
 
@@ -167,18 +213,14 @@ class FFCVLoader:
     def normalize(self, images: Tensor) -> Tensor:
         """A new tensor the caller owns (ffcv reuses the one it returned), in ``dtype`` and the
         requested memory format."""
-        if self._shift is None:  # normalised by the pipeline, which also made the layout
+        if self._scale is None:  # normalised by the pipeline, which also made the layout
             return images.to(self.dtype, memory_format=self.memory_format, copy=True)
-        assert self._scale is not None
-        # Two passes over the batch: ``sub`` reads the uint8 pixels, promoting them as it goes,
-        # into a new tensor whose layout is the requested one; ``mul`` writes the result in
-        # ``dtype``, rounding the float32 arithmetic once.
-        work = torch.empty(images.shape, dtype=self._shift.dtype, device=images.device,
-                           memory_format=self.memory_format)
-        torch.sub(images, self._shift, out=work)
-        if work.dtype == self.dtype:
-            return work.mul_(self._scale)
-        return torch.mul(work, self._scale, out=torch.empty_like(work, dtype=self.dtype))
+        assert self._bias is not None
+        # one pass over the batch: the uint8 pixels are promoted as they are read, the result
+        # rounded once into ``dtype``, in the requested layout
+        out = torch.empty(images.shape, dtype=self.dtype, device=images.device,
+                          memory_format=self.memory_format)
+        return torch.addcmul(self._bias, images, self._scale, out=out)
 
     def _stop(self, it) -> None:
         stop_epoch(it)

@@ -1,7 +1,9 @@
 """FFCV pipelines, written out literally as in ffcv-imagenet: decode, augment, tensor, device.
 
-A recipe names the decode and augmentation steps for the train and val splits; the rest of the
-pipeline is shared and depends on the device:
+A recipe names the decode and augmentation steps for the train and val splits; the train
+decoders are ``data.augment``'s seeded ones (crop, flip and translation drawn from the run's seed,
+the epoch and the sample), so runs repeat exactly. The rest of the pipeline is shared and
+depends on the device:
 
 * CUDA: ToTensor → ToDevice (non_blocking) → ToTorchImage (channels_last, always); the uint8
   batch is normalised in torch on the GPU, into the training dtype and the requested memory
@@ -38,10 +40,9 @@ class Recipe:
 
 
 def _imagenet_train(res: int) -> list:
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.transforms import RandomHorizontalFlip
+    from data.augment import SeededRandomResizedCrop
 
-    return [RandomResizedCropRGBImageDecoder((res, res)), RandomHorizontalFlip()]
+    return [SeededRandomResizedCrop((res, res), flip_prob=0.5)]
 
 
 def _center_val(res: int, ratio: float) -> list:
@@ -51,18 +52,17 @@ def _center_val(res: int, ratio: float) -> list:
 
 
 def _digits_train(res: int) -> list:
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from data.augment import SeededRandomResizedCrop
 
     # Mild crops and no flip: a mirrored 2 or 5 is another digit, a 30 % crop loses it.
-    return [RandomResizedCropRGBImageDecoder((res, res), scale=(0.6, 1.0), ratio=(0.8, 1.25))]
+    return [SeededRandomResizedCrop((res, res), scale=(0.6, 1.0), ratio=(0.8, 1.25))]
 
 
 def _pad_crop_train(res: int) -> list:
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-    from ffcv.transforms import RandomHorizontalFlip, RandomTranslate
+    from data.augment import SeededPadCrop
 
     # The CIFAR recipe: flip, then a random crop of the image zero-padded by 1/8 of its side.
-    return [SimpleRGBImageDecoder(), RandomHorizontalFlip(), RandomTranslate(padding=res // 8)]
+    return [SeededPadCrop(padding=res // 8, flip_prob=0.5)]
 
 
 def _plain_val(res: int, ratio: float) -> list:

@@ -123,7 +123,7 @@ def test_device_normalisation_run_on_the_cpu(betons, monkeypatch, channels_last)
     ref = torch.cat([x for x, _ in dm.build_loader("val")])
     monkeypatch.setattr(pipelines, "normalized_on_host", lambda device: False)
     loader = dm.build_loader("val")
-    assert loader._shift is not None  # the pipeline delivers uint8, FFCVLoader normalises
+    assert loader._scale is not None  # the pipeline delivers uint8, FFCVLoader normalises
     batches = list(loader)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     assert all(x.dtype == torch.float32 and x.is_contiguous(memory_format=layout)
@@ -458,3 +458,70 @@ def test_first_epoch_under_inference_mode_yields_batches(betons):
     with torch.inference_mode():
         labels = labels_of(dm.val_dataloader())
     assert sorted(labels) == list(range(N))
+
+
+# ---- seeded augmentation and resumable epochs ---------------------------------------------------
+
+def train_epoch(dm: FFCVImageDataModule, epoch: int) -> tuple[torch.Tensor, list[int]]:
+    loader = dm.build_loader("train")
+    loader._epoch = lambda: epoch
+    xs, ys = zip(*[(x, y) for x, y in loader])
+    loader.close()
+    return torch.cat(xs), [int(v) for y in ys for v in y]
+
+
+@pytest.mark.parametrize("augment", ["imagenet", "pad_crop"])
+def test_augmentation_repeats_for_a_seed_whatever_the_threads(betons, augment):
+    """Crops, flips and translations are functions of (seed, epoch, sample): bit-identical
+    across loaders and thread counts, fresh for every epoch and every seed."""
+    one = module(betons, augment=augment, resolution=16, seed=7, num_workers=1)
+    two = module(betons, augment=augment, resolution=16, seed=7, num_workers=2)
+    x1, y1 = train_epoch(one, 0)
+    x2, y2 = train_epoch(two, 0)
+    assert y1 == y2 and torch.equal(x1, x2)
+    x3, y3 = train_epoch(one, 1)
+    assert y3 != y1  # a new order
+    order = {label: i for i, label in enumerate(y3)}
+    x3 = x3[[order[label] for label in y1]]  # the same samples, in epoch 0's order
+    assert not torch.equal(x3, x1)  # and new draws
+    x4, _ = train_epoch(module(betons, augment=augment, resolution=16, seed=8), 0)
+    assert not torch.equal(x4, x1)
+
+
+def test_seeded_crops_cover_the_range_like_torchvisions():
+    """The counter-based draws give RandomResizedCrop's distribution: scale and ratio spread
+    over their ranges and flips half the time."""
+    import numpy as np
+
+    from data.augment import _FLIP_DRAW, random_crop, sample_key, uniform
+
+    scale, ratio = np.array([0.08, 1.0]), np.array([3 / 4, 4 / 3])
+    key = [np.uint64(sample_key(0, 0, i)) for i in range(4000)]
+    boxes = [random_crop(k, 400, 300, scale, ratio) for k in key]
+    areas = np.array([h * w / (400 * 300) for _, _, h, w in boxes])
+    assert areas.min() < 0.1 and areas.max() > 0.9 and 0.4 < areas.mean() < 0.6
+    assert all(0 <= i <= 400 - h and 0 <= j <= 300 - w for i, j, h, w in boxes)
+    flips = np.mean([uniform(k, _FLIP_DRAW) < 0.5 for k in key])
+    assert 0.47 < flips < 0.53
+
+
+def test_a_resumed_epoch_skips_what_was_trained_and_continues_the_order(betons):
+    dm = module(betons, augment="pad_crop", seed=3)
+    full_x, full_y = train_epoch(dm, 2)
+    loader = dm.build_loader("train")
+    loader._epoch = lambda: 2
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+        loader.consumed += 1  # the data module counts batches that reach the training step
+    state = loader.state_dict()
+    assert state == {"epoch": 2, "consumed": 3}
+    loader.close()
+    resumed = dm.build_loader("train")
+    resumed._epoch = lambda: 2
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(resumed) - 3
+    assert [int(v) for _, y in rest for v in y] == full_y[3 * 16:]
+    assert torch.equal(torch.cat([x for x, _ in rest]), full_x[3 * 16:])
+    assert len(list(resumed)) == len(resumed)  # the next epoch is whole again
