@@ -6,9 +6,12 @@ so shared settings live once (configs/base/*.yaml). A bare config name such as
 """
 from __future__ import annotations
 
+import json
+import logging
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -84,29 +87,181 @@ def expand_configs(argv: list[str]) -> list[str]:
     return out
 
 
+def _refuse_optimizer_flags(argv: list[str]) -> None:
+    """LightningCLI's ``--optimizer``/``--lr_scheduler`` would replace the recipe's parameter
+    groups (no decay on λ, biases, norm scales) and its per-step schedule: refuse, naming ours."""
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in ("--optimizer", "--lr_scheduler") or flag.startswith(("--optimizer.",
+                                                                          "--lr_scheduler.")):
+            raise UserError(f"{flag} is not an option here: the optimizer and its schedule are "
+                            f"the model's, so the recipe's parameter groups stay; set "
+                            f"model.init_args.optimizer (sgd or adamw), .lr, .momentum, "
+                            f".weight_decay, .schedule, .milestones, .warmup_epochs instead "
+                            f"(see configs/examples/adamw.yaml)")
+
+
 def _cli_class():
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.callbacks import ModelSummary
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    from models.training.checkpoint import Checkpoint
+    from models.training.guard import DivergenceGuard
+    from models.training.mixup import Mixup
+    from models.training.monitor import NormalizationMonitor
+    from models.training.predictions import PredictionWriter
+    from models.training.preemption import Preemption
+    from models.training.throughput import Throughput
+
+    # the callbacks every run has, as first-class option groups: --checkpoint.*, --monitor.*
+    groups = {"checkpoint": Checkpoint, "monitor": NormalizationMonitor,
+              "guard": DivergenceGuard, "mixup": Mixup, "preemption": Preemption,
+              "throughput": Throughput, "predictions": PredictionWriter}
+
+    class QuietModelSummary(ModelSummary):
+        """Lightning's summary without the FLOPs column, which counts nothing ("0 Total Flops")
+        unless the model defines an example input."""
+
+        @staticmethod
+        def summarize(summary_data, total_parameters, trainable_parameters, model_size,
+                      total_training_modes, total_flops, **kwargs) -> None:
+            if not total_flops:
+                data = [col for col in summary_data if col[0] != "FLOPs"]
+                from lightning.pytorch.utilities.model_summary.model_summary import (
+                    _format_summary_table)
+
+                table = _format_summary_table(total_parameters, trainable_parameters,
+                                              model_size, total_training_modes, 0, *data)
+                logging.getLogger("lightning.pytorch.callbacks.model_summary").info(
+                    "\n" + table.rsplit("\n", 1)[0])
+                return
+            ModelSummary.summarize(summary_data, total_parameters, trainable_parameters,
+                                   model_size, total_training_modes, total_flops, **kwargs)
+
+    class KeepingSaveConfig(SaveConfigCallback):
+        """config.yaml of what runs; a resumed run keeps the earlier ones as config.<k>.yaml."""
+
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            log_dir = trainer.log_dir
+            if not self.already_saved and trainer.is_global_zero and log_dir:
+                old = Path(log_dir) / self.config_filename
+                if old.is_file():
+                    k = 1
+                    while (Path(log_dir) / f"config.{k}.yaml").exists():
+                        k += 1
+                    old.rename(Path(log_dir) / f"config.{k}.yaml")
+            trainer.strategy.barrier("config.yaml kept")
+            super().setup(trainer, pl_module, stage)
 
     class SelfnormCLI(LightningCLI):
         """Subclass mode for model and data; the data module's facts fill the model's args."""
 
         def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--run", type=Optional[str], default=None,
+                                help="name of the run folder under lightning_logs/ (default: "
+                                     "a new version_N); with --ckpt_path last it starts or "
+                                     "continues that run")
+            for name, cls in groups.items():
+                parser.add_lightning_class_args(cls, name)
             for name in DATA_TO_MODEL:
                 parser.link_arguments(f"data.{name}", f"model.init_args.{name}",
                                       apply_on="instantiate")
 
         def _parse_ckpt_path(self) -> None:
             # LightningCLI would replace the model options of the config and the command line
-            # with the checkpoint's, silently; the given options stand.
+            # with the checkpoint's, silently; the given options stand, and instantiate_trainer
+            # checks the checkpoint against them.
             return
 
         def before_instantiate_classes(self) -> None:
-            cfg = self.config.get(self.subcommand) if self.subcommand else self.config
-            _refuse_linked_values(cfg)
-            if cfg.get("ckpt_path") == "last":
-                cfg["ckpt_path"] = str(find_last_checkpoint(cfg))
+            _refuse_linked_values(self._subconfig())
 
-    return SelfnormCLI
+        def _subconfig(self) -> Any:
+            return self.config.get(self.subcommand) if self.subcommand else self.config
+
+        def instantiate_trainer(self, **kwargs: Any):
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
+            from lightning.pytorch.callbacks import ProgressBar
+
+            cfg = self._subconfig()
+            trainer_cfg = cfg.get("trainer") or {}
+            init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            callbacks = list(init["trainer"].get("callbacks") or [])
+            if trainer_cfg.get("enable_progress_bar") is False:  # the user's "no bar" wins
+                callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+            if trainer_cfg.get("enable_model_summary") is not False and not any(
+                    isinstance(c, ModelSummary) for c in callbacks):
+                callbacks.append(QuietModelSummary())
+            init["trainer"]["callbacks"] = callbacks
+            # absolute: the paths the run prints (checkpoints, errors) work from anywhere
+            root = Path(trainer_cfg.get("default_root_dir") or ".").expanduser().resolve()
+            plan = plan_run(self.subcommand, cfg, self.model, root / LOGS)
+            if self.subcommand is not None:
+                self.config_init[self.subcommand]["ckpt_path"] = plan.checkpoint
+            if trainer_cfg.get("logger") in (None, True):
+                from lightning.pytorch.loggers import TensorBoardLogger
+
+                kwargs["logger"] = TensorBoardLogger(save_dir=str(root), name=LOGS,
+                                                     version=plan.version,
+                                                     default_hp_metric=False)
+            try:
+                return super().instantiate_trainer(**kwargs)
+            except MisconfigurationException as err:
+                raise UserError(f"bad trainer setting: {_one_line(err)}") from None
+
+        def before_fit(self) -> None:
+            self._started = time.monotonic()
+
+        def after_fit(self) -> None:
+            summary = fit_summary(self.trainer, time.monotonic() - self._started)
+            if self.trainer.is_global_zero:
+                print(summary, flush=True)
+
+    return SelfnormCLI, KeepingSaveConfig
+
+
+def fit_summary(trainer: Any, seconds: float) -> str:
+    """timm's "*** Best metric" line: best val top-1 and its epoch, the checkpoints, wall time
+    and mean images/s; also written as summary.json in the run folder."""
+    from models.training.checkpoint import Checkpoint
+    from models.training.throughput import Throughput
+
+    ckpt = next((c for c in trainer.callbacks if isinstance(c, Checkpoint)), None)
+    speed = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
+    best = float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score \
+        is not None else None
+    epoch = _epoch_of(ckpt.best_model_path) if ckpt is not None else None
+    rate = speed.mean_images_per_s if speed is not None else None
+    total = rate * trainer.world_size if rate else None
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if hasattr(v, "numel") and v.numel() == 1}
+    summary = {"best_val_top1": best, "best_epoch": epoch,
+               "best_checkpoint": ckpt.best_model_path if ckpt else None,
+               "last_checkpoint": str(ckpt.last_path) if ckpt else None,
+               "epochs": trainer.current_epoch, "global_step": trainer.global_step,
+               "wall_seconds": round(seconds, 2), "images_per_s": total,
+               "final_metrics": metrics}
+    if trainer.is_global_zero and trainer.log_dir:
+        (Path(trainer.log_dir) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    head = (f"*** best val/top1 {best:.4f} at epoch {epoch} ({summary['best_checkpoint']})"
+            if best is not None else "*** no validation ran")
+    speed_text = f", {total:,.0f} images/s" if total else ""
+    return (f"{head}; last {summary['last_checkpoint']}; {summary['epochs']} epochs, "
+            f"{trainer.global_step} steps in {seconds:.1f} s{speed_text}")
+
+
+def _epoch_of(path: str | None) -> int | None:
+    import re
+
+    found = re.search(r"epoch(\d+)", Path(path).name) if path else None
+    return int(found[1]) if found else None
+
+
+LOGS = "lightning_logs"
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def _refuse_linked_values(cfg: Any) -> None:
@@ -118,23 +273,30 @@ def _refuse_linked_values(cfg: Any) -> None:
                             f"(data.{name}); drop it from the config and the command line")
 
 
-def find_last_checkpoint(cfg: Any) -> Path:
-    """The newest ``last.ckpt`` under the run's log root, for ``--ckpt_path last``.
+def plan_run(subcommand: str | None, cfg: Any, model: Any, root: Path):
+    """Which checkpoint the subcommand loads and which run folder it logs to (``Resume``)."""
+    from models.training.checkpoint import load_checkpoint
+    from models.training.runs import Resume, check_compatible, resolve_last, run_of
 
-    Lightning looks for "last" only in the new run's own (empty) version folder; resuming means
-    the previous run's. The resumed run logs to a new version folder: nothing is overwritten.
-    """
-    trainer = cfg.get("trainer") or {}
-    logger = trainer.get("logger")
-    root = None
-    if logger is not None and hasattr(logger, "get") and logger.get("init_args"):
-        root = logger["init_args"].get("save_dir")
-    root = Path(root or trainer.get("default_root_dir") or ".").expanduser()
-    found = sorted(root.glob("**/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise UserError(f"--ckpt_path last: no last.ckpt under {root.resolve()}; pass the "
-                        f"checkpoint's path instead")
-    return found[-1]
+    ckpt, run = cfg.get("ckpt_path"), cfg.get("run")
+    hparams, name = dict(model.hparams), type(model).__name__
+    if subcommand is None or ckpt in (None, "best", "hpc", "registry"):
+        return Resume(ckpt, run if subcommand == "fit" else None)
+    if ckpt == "last":
+        found = resolve_last(root, hparams, name, run)
+        if subcommand != "fit":
+            if found.checkpoint is None:
+                raise UserError(f"--ckpt_path last: run {run} has no checkpoint under {root}; "
+                                f"train it first, or pass a checkpoint's path")
+            return Resume(found.checkpoint, None)
+        return found
+    path = Path(ckpt).expanduser()
+    weights_only = cfg.get("weights_only")
+    checkpoint = load_checkpoint(path, mmap=True,
+                                 weights_only=True if weights_only is None else weights_only)
+    check_compatible(checkpoint, path, hparams, name)
+    version = (run or run_of(path, root)) if subcommand == "fit" else None
+    return Resume(path, version)
 
 
 def make_cli(argv: list[str], run: bool = True):
@@ -142,14 +304,17 @@ def make_cli(argv: list[str], run: bool = True):
     from jsonargparse import ArgumentError
     from lightning.pytorch import LightningDataModule, LightningModule
 
+    _refuse_optimizer_flags(argv)
     argv = expand_configs(list(argv))
     # args= carries sys.argv[1:] with the configs expanded; sys.argv itself stays intact
     # because Lightning's DDP launcher re-runs it for the other ranks.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    cli_class, save_config = _cli_class()
     try:
-        return _cli_class()(
+        return cli_class(
             LightningModule, LightningDataModule, subclass_mode_model=True,
             subclass_mode_data=True, args=argv, run=run, seed_everything_default=0,
+            save_config_callback=save_config, auto_configure_optimizers=False,
             parser_kwargs={"exit_on_error": False},
         )
     except ArgumentError as err:

@@ -7,7 +7,7 @@ bug and keeps its traceback (exit code 1).
 from __future__ import annotations
 
 from data.errors import DataError
-from models.errors import ModelError, TrainingDiverged
+from models.errors import ModelError, Preempted, TrainingDiverged
 
 
 class UserError(ValueError):
@@ -15,9 +15,15 @@ class UserError(ValueError):
     naming the bad value and the fix."""
 
 
-# exception class -> exit code
+# exception class -> exit code; a preempted run exits with 128 + the signal, as if killed by it
 EXIT_CODES: dict[type[BaseException], int] = {
     UserError: 2, ModelError: 2, DataError: 2,
     TrainingDiverged: 3,
+    Preempted: 128,
 }
 USER_ERRORS = (UserError, ModelError, DataError)
+
+
+def exit_code(err: BaseException) -> int:
+    code = next(c for cls, c in EXIT_CODES.items() if isinstance(err, cls))
+    return code + err.signum if isinstance(err, Preempted) else code

@@ -6,10 +6,12 @@ plain argparse programs, imported lazily so that e.g. ``solve`` starts without t
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
+import warnings
 
-from app.errors import EXIT_CODES, UserError
+from app.errors import EXIT_CODES, Preempted, UserError, exit_code
 
 # name -> (module with ``main(argv) -> int``, one-line help)
 TOOLS: dict[str, tuple[str, str]] = {
@@ -50,12 +52,36 @@ def _dispatch(argv: list[str]) -> int:
                     f"{', '.join([*LIGHTNING, *TOOLS])}")
 
 
+class _DropLines(logging.Filter):
+    """Drops log records that start with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith(self.prefixes)
+
+
+def quiet_third_party() -> None:
+    """Silence known-benign third-party noise; our own warnings stay."""
+    # Lightning 2.6 on torch 2.14: its own use of a deprecated pytree API
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # Lightning's use of jsonargparse APIs deprecated in jsonargparse 4.49
+    warnings.filterwarnings("ignore", message=r".*(instantiate_classes|skip_none) (parameter )?"
+                                              r"was deprecated")
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLines) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLines("💡 Tip", "Trainer already configured with model summary"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_third_party()
     try:
         return _dispatch(argv)
     except tuple(EXIT_CODES) as err:
         if os.environ.get("SELFNORM_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return next(code for cls, code in EXIT_CODES.items() if isinstance(err, cls))
+        print(f"{'stopped' if isinstance(err, Preempted) else 'error'}: {err}", file=sys.stderr)
+        return exit_code(err)

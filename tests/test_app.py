@@ -33,7 +33,7 @@ def test_fit_demo_through_the_cli_for_a_few_steps(workdir):
     assert main(["fit", "--config", "demo.yaml", *TINY_FIT]) == 0
     run = workdir / "lightning_logs" / "version_0"
     assert (run / "config.yaml").is_file()  # the resolved config is saved with the run
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3
     assert list(run.glob("events.out.tfevents.*"))
     # the trained checkpoint goes through the other LightningCLI subcommands too
@@ -51,12 +51,14 @@ def test_resume_from_last_continues_steps_and_lr_schedule(workdir):
               "--model.init_args.schedule=multistep", "--model.init_args.milestones=[1]",
               "--model.init_args.gamma=0.5"]
     assert main([*common, "--trainer.max_epochs=1"]) == 0
-    first = workdir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    before = first.read_bytes()
+    run = workdir / "lightning_logs" / "version_0"
+    first_config = (run / "config.yaml").read_text()
     assert main([*common, "--trainer.max_epochs=2", "--ckpt_path", "last"]) == 0
-    assert first.read_bytes() == before  # the resumed run writes its own folder
-    resumed = workdir / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(resumed, map_location="cpu", weights_only=False)
+    # the resumed run continues in its own folder: one TensorBoard run, curves continue
+    assert not (workdir / "lightning_logs" / "version_1").exists()
+    assert (run / "config.1.yaml").read_text() == first_config  # the first config is kept
+    assert "max_epochs: 2" in (run / "config.yaml").read_text()  # what ran the second time
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6 and ckpt["epoch"] == 1
     lr = ckpt["optimizer_states"][0]["param_groups"][0]["lr"]
     assert lr == pytest.approx(0.05 * 0.5)  # epoch 1 is past the milestone: the schedule went on
@@ -67,6 +69,7 @@ def test_resume_last_without_a_checkpoint_is_one_line(workdir, capsys):
     assert main(["fit", "--config", "demo.yaml", *TINY_FIT, "--ckpt_path", "last"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --ckpt_path last: no last.ckpt under")
+    assert not (workdir / "lightning_logs").exists()  # a failed start leaves no run folder
 
 
 def _tiny_overrides(path: Path, tmp: Path) -> list[str]:
@@ -107,11 +110,22 @@ def test_imagenet_sselu_reads_like_the_paper(workdir):
         "conv_mobilenet_v1", "sselu", 0.06, True, True)
     assert (hp.lr, hp.momentum, list(hp.milestones)) == (0.02, 0.9, [60, 75])
     cfg = cli.config
-    assert cfg.trainer.max_epochs == 90
+    assert cfg.trainer.max_epochs == 90 and cfg.trainer.gradient_clip_val is None  # no clipping
     names = [type(c).__name__ for c in cli.trainer.callbacks]
-    assert {"Mixup", "NormalizationMonitor", "ModelCheckpoint"} <= set(names)
-    mixup = next(c for c in cli.trainer.callbacks if type(c).__name__ == "Mixup")
-    assert mixup.alpha == 0.7
+    assert {"Mixup", "NormalizationMonitor", "DivergenceGuard", "Checkpoint", "Preemption",
+            "Throughput"} <= set(names)
+    by_name = {type(c).__name__: c for c in cli.trainer.callbacks}
+    assert by_name["Mixup"].alpha == 0.7
+    assert by_name["Checkpoint"].every_n_minutes == 10  # bounds the work a preemption loses
+    assert cli.model.channels_last and cli.datamodule.channels_last  # one layout end to end
+
+
+def test_table_1_configs_clip_gradients_and_table_2_configs_do_not(workdir):
+    for name, clip in (("cifar10.yaml", 2.0), ("tiny_imagenet.yaml", 2.0),
+                       ("imagenet_selu.yaml", None), ("demo.yaml", None)):
+        cfg = make_cli(["--config", name, *_tiny_overrides(CONFIG_DIR / name, workdir)],
+                       run=False).config
+        assert cfg.trainer.gradient_clip_val == clip, name
 
 
 def run_app(args, cwd, env_extra=None):

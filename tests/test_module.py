@@ -156,12 +156,16 @@ def test_no_weight_decay_on_lambda_and_biases_unless_asked():
 
 
 def test_lr_factor_multistep_cosine_and_warmup():
-    step = LrFactor("multistep", steps_per_epoch=10, total_steps=900, milestones=(60, 75),
-                    gamma=0.1, warmup_steps=0, min_lr_ratio=0.0)
+    step = LrFactor("multistep", milestones=(60, 75), gamma=0.1, warmup_epochs=0,
+                    min_lr_ratio=0.0, lengths=lambda: (10, 900))
+    assert step(599) == 1.0  # the run's length is not known yet: a neutral factor
+    step.resolve()
     assert [step(s) for s in (0, 599, 600, 749, 750, 899)] == pytest.approx(
         [1, 1, 0.1, 0.1, 0.01, 0.01])
-    cos = LrFactor("cosine", steps_per_epoch=10, total_steps=110, milestones=(), gamma=0.1,
-                   warmup_steps=10, min_lr_ratio=0.1)
+    cos = LrFactor("cosine", milestones=(), gamma=0.1, warmup_epochs=1, min_lr_ratio=0.1,
+                   lengths=lambda: (10, 110))
+    cos.resolve()
+    assert cos.warmup_steps == 10
     assert [cos(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert cos(10) == pytest.approx(1.0) and cos(60) == pytest.approx(0.55)
     assert cos(110) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)
@@ -304,7 +308,7 @@ def _indexed_batch(n: int = 8, size: int = 6) -> tuple[torch.Tensor, torch.Tenso
 def test_mixup_targets_sum_to_one_and_mix_the_two_one_hot_labels(seed):
     torch.manual_seed(seed)
     x, y = _indexed_batch()
-    mixed, targets = Mixup()(x, y, num_classes=8)
+    mixed, targets = Mixup(alpha=0.7, seed=seed)(x, y, num_classes=8)
     assert targets.dtype == torch.float32 and targets.shape == (8, 8)
     torch.testing.assert_close(targets.sum(1), torch.ones(8))
     for i in range(8):
@@ -320,9 +324,9 @@ def test_mixup_targets_sum_to_one_and_mix_the_two_one_hot_labels(seed):
 def test_mixup_coefficients_follow_beta_0_7():
     torch.manual_seed(0)
     x, y = _indexed_batch(2)
-    lams = []
+    lams, mixer = [], Mixup(alpha=0.7)
     while len(lams) < 3000:
-        _, t = Mixup()(x, y, num_classes=2)
+        _, t = mixer(x, y, num_classes=2)
         if t[0, 0] < 1:  # the partner was the other sample: λ is readable
             lams.append(t[0, 0].item())
     lams = torch.tensor(lams)
@@ -359,7 +363,7 @@ def test_plain_mixup_functional_is_the_convex_combination():
 def test_training_accuracy_is_against_the_argmax_of_the_mixed_targets():
     torch.manual_seed(0)
     module = ImageClassifier(num_classes=10, **DEMO)
-    mixer, seen = Mixup(), []
+    mixer, seen = Mixup(alpha=0.7), []
 
     def recording(x, y, n):
         seen.append(mixer(x, y, n))
@@ -383,15 +387,31 @@ def test_mixup_callback_runs_on_the_training_batches_until_stop_epoch():
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             log.append((trainer.current_epoch, pl_module.batch_mixer is not None))
 
-    trainer = _trainer(max_epochs=3, callbacks=[Mixup(stop_epoch=2), Probe()])
+    trainer = _trainer(max_epochs=3, callbacks=[Mixup(alpha=0.7, stop_epoch=2), Probe()])
     trainer.fit(module, DataLoader(_images(64), batch_size=32),
                 DataLoader(_images(32), batch_size=32))
     assert log == [(0, True), (0, True), (1, True), (1, True), (2, False), (2, False)]
     assert module.batch_mixer is None  # withdrawn at teardown
 
 
-@pytest.mark.parametrize("kwargs", [dict(alpha=-1.0), dict(alpha=0.0), dict(prob=1.5),
-                                    dict(stop_epoch=-1)])
-def test_bad_mixup_arguments_are_user_errors(kwargs):
-    with pytest.raises(ModelError):
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(alpha=-1.0), r"Mixup needs alpha ≥ 0 and cutmix_alpha ≥ 0 \(0 turns it off\), got "
+                       r"alpha=-1.0"),
+    (dict(cutmix_alpha=-0.5), r"cutmix_alpha=-0.5"),
+    (dict(prob=1.5), r"Mixup prob must be a probability in \[0, 1\], got 1.5"),
+    (dict(stop_epoch=-1), r"Mixup stop_epoch must be ≥ 0 or null, got -1")])
+def test_bad_mixup_arguments_are_user_errors(kwargs, message):
+    with pytest.raises(ModelError, match=message):
         Mixup(**kwargs)
+
+
+def test_mixup_is_off_by_default_and_its_draws_repeat_per_seed_and_step():
+    x, y = _indexed_batch(8)
+    assert not Mixup().enabled
+    mixed, targets = Mixup()(x, y, num_classes=8)
+    assert torch.equal(mixed, x) and torch.equal(targets.argmax(1), y)  # off: untouched
+    a, b = Mixup(alpha=0.7, seed=3), Mixup(alpha=0.7, seed=3)
+    first = [a(x, y, 8)[1] for _ in range(3)]
+    assert all(torch.equal(u, b(x, y, 8)[1]) for u in first)  # same seed, same calls
+    assert not torch.equal(first[0], first[1])  # each call its own draw
+    assert not torch.equal(first[0], Mixup(alpha=0.7, seed=4)(x, y, 8)[1])

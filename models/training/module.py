@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from models.archs.registry import create_model
 from models.errors import ModelError
+from models.training.runs import check_compatible
 from models.training.schedule import SCHEDULES, LrFactor, StepSchedule
 
 # (inputs, labels, num_classes) -> (inputs, soft targets); set by models.training.mixup.Mixup.
@@ -151,6 +152,12 @@ class ClassifierModule(L.LightningModule):
         self.batch_mixer: BatchMixer | None = None
         self._shape_hooks: list[RemovableHandle] = []
         self.train_metrics = _accuracy(num_classes, "train")
+        # nan_strategy "disable": the default checks each update for NaN, a host sync per step
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        # the epoch's running train statistics travel in checkpoints: a run resumed mid-epoch
+        # reports the same epoch metrics as an uninterrupted one
+        self.train_metrics.persistent(True)
+        self.train_loss.persistent(True)
         self.val_metrics = _accuracy(num_classes, "val")
         self.test_metrics = _accuracy(num_classes, "test")
 
@@ -191,14 +198,33 @@ class ClassifierModule(L.LightningModule):
         loss = self.loss(logits, y)
         target = y.argmax(dim=1) if y.is_floating_point() else y
         self.train_metrics.update(logits.detach(), target)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
+        self.train_loss.update(loss.detach())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False,
                  batch_size=x.shape[0])
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=x.shape[0])
         return loss
 
     def on_train_start(self) -> None:
         if self.device.type == "cpu" and self.trainer.precision.startswith("bf16"):
             self._shape_hooks = watch_cpu_bf16_strided_width_1(self.model)
+        # The schedule reads the run's length now that the train loader exists; a resumed run
+        # restored the optimizer's settings from its checkpoint: the ones configured now take
+        # effect (the LR through the schedule, the rest here).
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, StepSchedule):
+                config.scheduler.refresh()
+        hp = self.hparams
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["weight_decay"] = hp.weight_decay if group.get("name") == "decay" else 0.0
+                if "nesterov" in group:
+                    group["momentum"], group["nesterov"] = hp.momentum, hp.nesterov
+                elif "betas" in group:
+                    group["betas"] = (hp.momentum, group["betas"][1])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_compatible(checkpoint, "the checkpoint", self.hparams, type(self).__name__)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         for h in self._shape_hooks:
@@ -227,18 +253,23 @@ class ClassifierModule(L.LightningModule):
         for p in self.model.parameters():
             if p.requires_grad:
                 (decay if p.ndim > 1 or self.hparams.decay_all else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay, "name": "decay"},
+                  {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
         return [g for g in groups if g["params"]]
 
-    def _steps(self) -> tuple[float, float]:
-        """(optimizer steps per epoch, total optimizer steps) of the attached Trainer."""
+    def _lengths(self) -> tuple[float, float]:
+        """(optimizer steps per epoch, total optimizer steps), checked for the schedule."""
+        hp = self.hparams
         total = self.trainer.estimated_stepping_batches
-        if self.trainer.train_dataloader is None:  # max_steps-only runs skip this above
-            self.trainer.fit_loop.setup_data()
         batches = self.trainer.num_training_batches
         per_epoch = (math.ceil(batches / self.trainer.accumulate_grad_batches)
                      if math.isfinite(batches) else math.inf)
+        if (hp.milestones and hp.schedule == "multistep") or hp.warmup_epochs:
+            _check(math.isfinite(per_epoch), "milestones and warmup_epochs count epochs, but the "
+                   "train loader has no length; give it one or drop them.")
+        if hp.schedule == "cosine":
+            _check(math.isfinite(total), "the cosine schedule needs a finite run; set "
+                   "trainer.max_epochs or trainer.max_steps.")
         return per_epoch, total
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -251,16 +282,8 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = self._optimizer()
-        per_epoch, total = self._steps()
-        if (hp.milestones and hp.schedule == "multistep") or hp.warmup_epochs:
-            _check(math.isfinite(per_epoch), "milestones and warmup_epochs count epochs, but the "
-                   "train loader has no length; give it one or drop them.")
-        if hp.schedule == "cosine":
-            _check(math.isfinite(total), "the cosine schedule needs a finite run; set "
-                   "trainer.max_epochs or trainer.max_steps.")
-        factor = LrFactor(hp.schedule, per_epoch, total, tuple(hp.milestones), hp.gamma,
-                          round(hp.warmup_epochs * per_epoch) if hp.warmup_epochs else 0,
-                          hp.min_lr_ratio)
+        factor = LrFactor(hp.schedule, tuple(hp.milestones), hp.gamma, hp.warmup_epochs,
+                          hp.min_lr_ratio, lengths=self._lengths)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": StepSchedule(optimizer, factor),
                                  "interval": "step", "frequency": 1}}
