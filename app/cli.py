@@ -340,5 +340,32 @@ def _user_error_in_chain(err: BaseException) -> Exception | None:
 
 
 def cli_main(argv: list[str]) -> int:
+    if any(a == "--print_config" or a.startswith("--print_config=") for a in argv):
+        return print_config(argv)
     make_cli(argv, run=True)
+    return 0
+
+
+def print_config(argv: list[str]) -> int:
+    """``--print_config``, with a comment where the model's linked arguments come from (the
+    parser leaves them out: they are known only once the data module exists)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            make_cli(argv, run=True)
+        except SystemExit as done:
+            if done.code not in (None, 0):
+                raise
+    lines, shown = out.getvalue().splitlines(), False
+    note = (f"    # also {', '.join(DATA_TO_MODEL)}: filled in from the data module's "
+            f"attributes of the same names")
+    for i, line in enumerate(lines):
+        print(line)
+        if not shown and line == "  init_args:" and i > 0 and lines[i - 1].startswith(
+                "  class_path:") and any(l == "model:" for l in lines[max(0, i - 3):i]):
+            print(note)
+            shown = True
     return 0
