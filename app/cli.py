@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from app.errors import USER_ERRORS, UserError
+from app.paths import check_output_folder
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 _CONFIG_FLAGS = ("--config", "-c")
@@ -57,6 +59,10 @@ def load_config(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise UserError(f"config {path} includes itself through 'base:'; remove the cycle")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        where = f" (listed under 'base:' in {_seen[-1]})" if _seen else ""
+        raise UserError(f"config {path} does not exist{where}; fix the path (a base is "
+                        f"relative to the config that lists it)") from None
     except yaml.YAMLError as err:
         raise UserError(f"config {path} is not valid YAML ({str(err).splitlines()[0]}); "
                         f"fix the file") from None
@@ -174,7 +180,13 @@ def _cli_class():
             return
 
         def before_instantiate_classes(self) -> None:
-            _refuse_linked_values(self._subconfig())
+            cfg = self._subconfig()
+            _refuse_linked_values(cfg)
+            run = cfg.get("run")
+            if run is not None and (not run or run in (".", "..") or "/" in run
+                                    or "\\" in run):
+                raise UserError(f"--run {run!r} must be a plain folder name (no path "
+                                f"separators), e.g. --run imagenet_sselu_seed0")
 
         def _subconfig(self) -> Any:
             return self.config.get(self.subcommand) if self.subcommand else self.config
@@ -185,6 +197,7 @@ def _cli_class():
 
             cfg = self._subconfig()
             trainer_cfg = cfg.get("trainer") or {}
+            _check_accelerator(trainer_cfg.get("accelerator"))
             init = self.config_init[self.subcommand] if self.subcommand else self.config_init
             callbacks = list(init["trainer"].get("callbacks") or [])
             if trainer_cfg.get("enable_progress_bar") is False:  # the user's "no bar" wins
@@ -195,6 +208,12 @@ def _cli_class():
             init["trainer"]["callbacks"] = callbacks
             # absolute: the paths the run prints (checkpoints, errors) work from anywhere
             root = Path(trainer_cfg.get("default_root_dir") or ".").expanduser().resolve()
+            need = checkpoint_bytes(self.model) if self.subcommand == "fit" else 0
+            check_output_folder(root, "trainer.default_root_dir", need)
+            logger = init["trainer"].get("logger")
+            if getattr(logger, "save_dir", None):
+                check_output_folder(Path(logger.save_dir).expanduser().resolve(),
+                                    "the logger's save_dir", need)
             plan = plan_run(self.subcommand, cfg, self.model, root / LOGS)
             if self.subcommand is not None:
                 self.config_init[self.subcommand]["ckpt_path"] = plan.checkpoint
@@ -208,6 +227,18 @@ def _cli_class():
                 return super().instantiate_trainer(**kwargs)
             except MisconfigurationException as err:
                 raise UserError(f"bad trainer setting: {_one_line(err)}") from None
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            # a start that fails before the first step leaves no run folder behind
+            log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
+            new = [d for d in (log_dir, log_dir and log_dir.parent) if d and not d.exists()]
+            try:
+                super()._run_subcommand(subcommand)
+            except Exception:
+                if new and self.trainer.global_step == 0 and self.trainer.is_global_zero \
+                        and not list(new[-1].rglob("*.ckpt")):
+                    shutil.rmtree(new[-1], ignore_errors=True)
+                raise
 
         def before_fit(self) -> None:
             self._started = time.monotonic()
@@ -260,8 +291,25 @@ def _epoch_of(path: str | None) -> int | None:
 LOGS = "lightning_logs"
 
 
+def checkpoint_bytes(model: Any) -> int:
+    """About the size of one checkpoint: the weights and the optimizer's state (SGD momentum:
+    one more copy, AdamW: two), plus the metadata."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    copies = 3 if getattr(model.hparams, "optimizer", "sgd") == "adamw" else 2
+    return weights * copies + (1 << 20)
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
+
+
+def _check_accelerator(accelerator: Any) -> None:
+    """Lightning's own message ("No supported gpu backend found!") names no fix."""
+    import torch
+
+    if str(accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"--trainer.accelerator {accelerator} but no CUDA GPU is visible here; "
+                        f"use --trainer.accelerator cpu (or auto)")
 
 
 def _refuse_linked_values(cfg: Any) -> None:
@@ -315,7 +363,8 @@ def make_cli(argv: list[str], run: bool = True):
             LightningModule, LightningDataModule, subclass_mode_model=True,
             subclass_mode_data=True, args=argv, run=run, seed_everything_default=0,
             save_config_callback=save_config, auto_configure_optimizers=False,
-            parser_kwargs={"exit_on_error": False},
+            # allow_abbrev off: argparse would take --trainer.max_epoch for --trainer.max_epochs
+            parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
         )
     except ArgumentError as err:
         msg = " ".join(str(err).split())

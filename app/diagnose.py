@@ -19,6 +19,7 @@ from typing import Any
 
 from app.cli import make_cli, resolve_config
 from app.errors import UserError
+from app.paths import check_output_folder
 from models.training.diagnose import Diagnosis, diagnose
 from models.training.mixup import Mixup
 from models.training.plot import save_png
@@ -84,8 +85,7 @@ def main(argv: list[str]) -> int:
     args, overrides = _parser().parse_known_args(argv)
     if args.batches < 1:
         raise UserError(f"--batches must be at least 1, got {args.batches}")
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} is a file; pass a folder")
+    check_output_folder(args.out, "--out")
 
     stem = resolve_config(args.config).stem
     # one device, no logger: diagnose must run anywhere the config can be read

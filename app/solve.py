@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from app.errors import UserError
+from app.paths import check_output_folder
 from models.theory.solver import ACTIVATIONS, TABLE5, Solution, solve
 
 if TYPE_CHECKING:  # matplotlib only when drawing: solving stays quick to start
@@ -176,6 +177,7 @@ def figure3(sols: list[Solution]) -> Figure:
 def write_figures(out: Path, eps: float, central: bool, lambda_min: float) -> list[Path]:
     """Figures 1-3 of the paper for SELU, dSELU, sSELU and lSELU at ``eps``, as PNGs in ``out``."""
     sols = figure_solutions(eps, central, lambda_min)
+    check_output_folder(out, "--plot")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, draw in (("fig1_phi.png", figure1), ("fig2_delta.png", figure2),

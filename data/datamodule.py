@@ -20,10 +20,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from data.errors import DataError
 from data import pipelines
-from data.augment import seeded_ops
+from data.decoders import stateful
 from data.loader import FFCVLoader
-from data.prepare import Preparation, default_beton, prepare
-from data.sidecar import beton_labels, read_sidecar
+from data.prepare import Preparation, data_dir, default_beton, prepare
+from data.sidecar import beton_labels, read_sidecar, sidecar_path
+from data.validate import check_beton
 from data.sources import count_classes, default_resolution, get_source
 from data.writer import usable_cores
 
@@ -121,15 +122,20 @@ class FFCVImageDataModule(LightningDataModule):
         self.source = get_source(source).name if source else None
         self.root = root
         self.source_options = dict(source_options or {})
+        self.mean, self.std = mean, std
         self.preparation = prepare or Preparation()
         self.write = self.preparation.options(self.source) if self.source else None
         self.subset, self.skip_bad = self.preparation.subset, self.preparation.skip_bad
         self.seed = seed
         self.train_path = self._path("train", train_path)
         self.val_path = self._path("val", val_path)
+        self._check_files()
         meta = read_sidecar(self.train_path) if self.train_path.is_file() else None
+        if self.train_path.is_file():
+            self._check_statistics(meta)
         defaults_from = self.source or (meta or {}).get("source")
         self.num_classes = self._num_classes(meta)
+        self._check_val_classes()
         self.class_names: list[str] | None = (meta or {}).get("class_names")
 
         # Unset recipe and resolution follow the source (named here or in the sidecar).
@@ -156,11 +162,11 @@ class FFCVImageDataModule(LightningDataModule):
             raise DataError(f"batch_size {min(self.batch_size, self.val_batch_size)} must be "
                             f"at least 1")
         self.num_workers = num_workers
-        self.mean, self.std = mean, std
         self.dtype_name, self.channels_last = dtype, channels_last
         if order not in ("random", "quasi_random", "sequential"):
             raise DataError(f"unknown order {order!r}; choose random, quasi_random or sequential")
         self.order, self.os_cache, self.batches_ahead = order, os_cache, batches_ahead
+        self._check_numbers()
         self.drop_last, self.distributed = drop_last, distributed
         self._loaders: dict[str, FFCVLoader] = {}
 
@@ -180,6 +186,64 @@ class FFCVImageDataModule(LightningDataModule):
         subset = self.subset if split == "train" else None
         return default_beton(self.source, split, self.root, self.source_options, self.write,
                              subset)
+
+    def _check_files(self) -> None:
+        """Existing betons are complete classification betons; new ones go to a folder that
+        exists (or into the cache), never silently into new folders elsewhere."""
+        for split, path in (("train", self.train_path), ("val", self.val_path)):
+            if path.exists():
+                check_beton(path, f"{split} .beton")
+            elif not self.source:
+                continue
+            elif not path.parent.is_dir() and not path.is_relative_to(data_dir()):
+                raise DataError(f"the folder of data.{split}_path {str(path)!r} does not exist; "
+                                f"create it or choose another path")
+
+    def _check_val_classes(self) -> None:
+        """Train and val must share their classes: a val label beyond train's classes would
+        end in an IndexError mid-epoch."""
+        if not (self.train_path.is_file() and self.val_path.is_file()):
+            return
+        train, val = read_sidecar(self.train_path), read_sidecar(self.val_path)
+        if train and val and train["num_classes"] != val["num_classes"]:
+            raise DataError(f"train .beton {str(self.train_path)!r} has {train['num_classes']} "
+                            f"classes but val .beton {str(self.val_path)!r} has "
+                            f"{val['num_classes']}; prepare both from the same dataset")
+        top = int(beton_labels(self.val_path).max())
+        if top >= self.num_classes:
+            raise DataError(f"val .beton {str(self.val_path)!r} has labels up to {top}, but the "
+                            f"train data has {self.num_classes} classes; prepare both from the "
+                            f"same dataset")
+
+    def _check_numbers(self) -> None:
+        for name in ("resolution", "val_resolution"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 8):
+                raise DataError(f"data.{name} must be an integer of at least 8 pixels, got "
+                                f"{value!r}")
+        if self.num_workers is not None and not (isinstance(self.num_workers, int)
+                                                 and self.num_workers >= 0):
+            raise DataError(f"data.num_workers must be ≥ 0 (0: all cores) or null, got "
+                            f"{self.num_workers!r}")
+        if not (isinstance(self.batches_ahead, int) and self.batches_ahead >= 1):
+            raise DataError(f"data.batches_ahead must be a positive integer, got "
+                            f"{self.batches_ahead!r}")
+        if not 0 < self.val_crop_ratio <= 1:
+            raise DataError(f"data.val_crop_ratio must lie in (0, 1], got {self.val_crop_ratio!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):
+                raise DataError(f"data.{name} must be 3 per-channel values in [0, 1]"
+                                f"{' (positive)' if name == 'std' else ''}, got {list(value)}")
+
+    def _check_statistics(self, meta: dict[str, Any] | None) -> None:
+        if meta is None and (self.mean is None or self.std is None):
+            # ImageNet's statistics on other images would train an SNN on shifted inputs
+            raise DataError(f"train .beton {str(self.train_path)!r} has no (matching) sidecar "
+                            f"{str(sidecar_path(self.train_path))!r} with its channel statistics; "
+                            f"write it with `python -m app prepare`, or give data.mean and "
+                            f"data.std (ImageNet's: {list(pipelines.IMAGENET_MEAN)}, "
+                            f"{list(pipelines.IMAGENET_STD)})")
 
     def _num_classes(self, meta: dict[str, Any] | None) -> int:
         if meta is not None:
@@ -228,9 +292,11 @@ class FFCVImageDataModule(LightningDataModule):
                             f"would repeat train; arrange root/train and root/val, or give "
                             f"data.val_path")
         for split, path in missing:
+            # another job may be writing the same cache file: wait for it, then use its file
             prepare(self.source, split, path, self.root, options=self.write,
                     source_options=self.source_options,
-                    subset=self.subset if split == "train" else None, skip_bad=self.skip_bad)
+                    subset=self.subset if split == "train" else None, skip_bad=self.skip_bad,
+                    wait=True, where=f"data.{split}_path (or $SELFNORM_DATA_DIR)")
 
     def setup(self, stage: str | None = None) -> None:
         needed = (self.train_path, self.val_path) if stage in (None, "fit") else (self.val_path,)
@@ -239,9 +305,9 @@ class FFCVImageDataModule(LightningDataModule):
                 raise DataError(f".beton {str(path)!r} does not exist; run prepare_data first "
                                 f"(the trainer does) or `python -m app prepare`")
         meta = read_sidecar(self.train_path) if self.train_path.is_file() else None
-        stats = meta or {}
-        self.mean = tuple(self.mean or stats.get("mean") or pipelines.IMAGENET_MEAN)
-        self.std = tuple(self.std or stats.get("std") or pipelines.IMAGENET_STD)
+        self._check_statistics(meta)
+        self.mean = tuple(self.mean or meta["mean"])
+        self.std = tuple(self.std or meta["std"])
         if self.class_names is None and meta is not None:
             self.class_names = meta["class_names"]
 
@@ -365,19 +431,26 @@ class FFCVImageDataModule(LightningDataModule):
         epoch = None
         if train and self.trainer is not None:
             epoch = lambda: self.trainer.current_epoch  # noqa: E731 - resumes continue the order
-        seeded = seeded_ops(steps)
-        for op in seeded:
+        decoders = stateful(steps)
+        for op in decoders:
             op.set_seed(self.run_seed())
 
         def before(e: int) -> None:
-            for op in seeded:
+            for op in decoders:
                 op.set_epoch(e)
             if train and self.progressive is not None:
                 side = self.train_resolution(e)
                 steps[0].output_size = (side, side)
+        if train and len(loader) == 0:
+            share = "on this rank" if distributed else "in all"
+            raise DataError(f"the train set {str(path)!r} has {len(loader.indices)} images "
+                            f"({share}), fewer than one batch of {loader.batch_size}, and "
+                            f"drop_last drops it: training would do nothing; lower "
+                            f"data.batch_size or set data.drop_last: false")
         stats = {} if pipelines.normalized_on_host(device) else {"mean": self.mean, "std": self.std}
         return FFCVLoader(loader, device=device, dtype=dtype, channels_last=self.channels_last,
-                          epoch=epoch, before_epoch=before if train else None, **stats)
+                          epoch=epoch, before_epoch=before if train else None,
+                          decoders=decoders, path=path, **stats)
 
     def _check_fixed_size(self, path: Path, side: int) -> None:
         from data.sidecar import beton_image_sizes

@@ -37,6 +37,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from data.errors import DataError
+
 
 def _patch_ffcv() -> None:
     import numba
@@ -124,15 +126,18 @@ class FFCVLoader:
     without, it already normalised them (on the CPU) and they are only copied out.
     ``epoch()`` gives the epoch whose order the next iteration uses (default: count the
     iterations, as ffcv does); ``before_epoch(epoch)`` runs first (seeded augmentation,
-    progressive resizing). ``consumed`` counts the batches of the current epoch that reached the
+    progressive resizing). A sample that one of ``decoders`` failed to decode stops the
+    iteration with one line naming ``path`` and the sample. ``consumed`` counts the batches of the current epoch that reached the
     training step (the data module counts them): a checkpoint's ``state_dict`` records it.
     """
 
     def __init__(self, loader, *, device: torch.device, dtype: torch.dtype = torch.float32,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  channels_last: bool = True, epoch: Callable[[], int] | None = None,
-                 before_epoch: Callable[[int], None] | None = None):
+                 before_epoch: Callable[[int], None] | None = None,
+                 decoders: Sequence = (), path: object = None):
         self.loader = loader
+        self.decoders, self.path = list(decoders), path
         self.device = device
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -206,9 +211,18 @@ class FFCVLoader:
     def _batches(self, it) -> Iterator[tuple[Tensor, Tensor]]:
         try:
             for images, labels in it:
+                self._check_decoding()
                 yield self.normalize(images), labels.clone()
         finally:
             self._stop(it)
+
+    def _check_decoding(self) -> None:
+        for decoder in self.decoders:
+            sample = decoder.failed_sample()
+            if sample is not None:
+                raise DataError(f"{self.path}: sample {sample} could not be decoded (corrupt "
+                                f"JPEG data); write the .beton again with `python -m app "
+                                f"prepare` (or check that source image)")
 
     def normalize(self, images: Tensor) -> Tensor:
         """A new tensor the caller owns (ffcv reuses the one it returned), in ``dtype`` and the

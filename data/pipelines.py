@@ -1,9 +1,9 @@
 """FFCV pipelines, written out literally as in ffcv-imagenet: decode, augment, tensor, device.
 
 A recipe names the decode and augmentation steps for the train and val splits; the train
-decoders are ``data.augment``'s seeded ones (crop, flip and translation drawn from the run's seed,
-the epoch and the sample), so runs repeat exactly. The rest of the pipeline is shared and
-depends on the device:
+decoders are ``data.decoders``' (crop, flip and translation drawn from the run's seed, the epoch
+and the sample, so runs repeat exactly; a sample that fails to decode is reported). The rest of
+the pipeline is shared and depends on the device:
 
 * CUDA: ToTensor → ToDevice (non_blocking) → ToTorchImage (channels_last, always); the uint8
   batch is normalised in torch on the GPU, into the training dtype and the requested memory
@@ -40,35 +40,35 @@ class Recipe:
 
 
 def _imagenet_train(res: int) -> list:
-    from data.augment import SeededRandomResizedCrop
+    from data.decoders import CropDecoder
 
-    return [SeededRandomResizedCrop((res, res), flip_prob=0.5)]
+    return [CropDecoder((res, res), flip_prob=0.5)]
 
 
 def _center_val(res: int, ratio: float) -> list:
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from data.decoders import CropDecoder
 
-    return [CenterCropRGBImageDecoder((res, res), ratio=ratio)]
+    return [CropDecoder((res, res), center_ratio=ratio)]
 
 
 def _digits_train(res: int) -> list:
-    from data.augment import SeededRandomResizedCrop
+    from data.decoders import CropDecoder
 
     # Mild crops and no flip: a mirrored 2 or 5 is another digit, a 30 % crop loses it.
-    return [SeededRandomResizedCrop((res, res), scale=(0.6, 1.0), ratio=(0.8, 1.25))]
+    return [CropDecoder((res, res), scale=(0.6, 1.0), ratio=(0.8, 1.25))]
 
 
 def _pad_crop_train(res: int) -> list:
-    from data.augment import SeededPadCrop
+    from data.decoders import PadCropDecoder
 
     # The CIFAR recipe: flip, then a random crop of the image zero-padded by 1/8 of its side.
-    return [SeededPadCrop(padding=res // 8, flip_prob=0.5)]
+    return [PadCropDecoder(padding=res // 8, flip_prob=0.5)]
 
 
 def _plain_val(res: int, ratio: float) -> list:
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from data.decoders import PadCropDecoder
 
-    return [SimpleRGBImageDecoder()]
+    return [PadCropDecoder()]
 
 
 RECIPES: dict[str, Recipe] = {

@@ -94,18 +94,20 @@ def choose_subset(labels: np.ndarray, subset: int | None, seed: int) -> np.ndarr
 def prepare(source: str, split: str, out: str | os.PathLike, root: str | None = None, *,
             options: WriteOptions | None = None, source_options: dict[str, Any] | None = None,
             subset: int | None = None, seed: int = 0, overwrite: bool = False,
-            skip_bad: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Write ``split`` of ``source`` to ``out`` (plus ``out.json``); returns the sidecar."""
+            skip_bad: bool = False, progress: bool = True, wait: bool = False,
+            where: str = "--out") -> dict[str, Any] | None:
+    """Write ``split`` of ``source`` to ``out`` (plus ``out.json``); returns the sidecar, or
+    None when ``wait`` waited for another writer of ``out`` that wrote it meanwhile."""
     source_options = dict(source_options or {})
     options = options or write_options(source)
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         # Checked before reading the source: a slow folder walk should not precede this error.
-        raise DataError(f"{str(out)!r} already exists; pass --overwrite (data.overwrite) to "
-                        f"replace it or choose another --out")
+        raise DataError(f"{str(out)!r} already exists; pass --overwrite to replace it or "
+                        f"choose another {where}")
     src = open_source(source, root, split, **source_options)
     provenance = {"root": str(Path(root).expanduser().resolve()) if root else None,
                   "source_options": source_options, "subset": subset, "seed": seed}
     return write_beton(src, out, options, split=split, overwrite=overwrite, skip_bad=skip_bad,
                        indices=choose_subset(src.labels, subset, seed), progress=progress,
-                       seed=seed, provenance=provenance)
+                       seed=seed, provenance=provenance, wait=wait, where=where)

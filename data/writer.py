@@ -10,15 +10,20 @@ the DataModule uses to standardise inputs (what SNNs assume of their input).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import fcntl
 import multiprocessing as mp
 import os
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from queue import Empty
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -124,11 +129,54 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this process when its parent dies (a ``kill -9`` of prepare or of
+    fit would otherwise leave writers filling a file nobody will rename)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's finally still terminates the workers
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def exclusive(out: Path, wait: bool) -> Iterator[None]:
+    """Hold ``out``'s lock (a ``.<name>.lock`` file next to it, flock'ed, removed on release):
+    one writer per output; a second one waits (``wait``) or refuses in one line."""
+    lock = out.with_name(f".{out.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataError(f"another process (pid {holder}) is writing {str(out)!r}; wait for "
+                            f"it to finish or choose another --out") from None
+        try:  # the holder we waited for removed the file: lock the one at the path now
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still holding it: waiters then retry (above)
+        os.close(fd)
+
+
 def _work(worker_id: int, todo, results, done, metadata_sm, metadata_type, fields, allocator,
-          source: ImageSource, skip_bad: bool, seed: int) -> None:
+          source: ImageSource, skip_bad: bool, seed: int, parent: int) -> None:
     """One writer process: encode the chunks it takes from ``todo`` into its own pages."""
     from ffcv.writer import handle_sample
 
+    _die_with(parent)
     # The parent alone handles Ctrl-C and stops the workers; no traceback wall from each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -197,33 +245,49 @@ def _finalize(path: Path, header, metadata_start: int, metadata: np.ndarray,
 def write_beton(source: ImageSource, out: str | os.PathLike, options: WriteOptions, *,
                 split: str, indices: Sequence[int] | None = None, overwrite: bool = False,
                 skip_bad: bool = False, progress: bool = True, seed: int = 0,
-                provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+                provenance: dict[str, Any] | None = None, wait: bool = False,
+                where: str = "--out") -> dict[str, Any] | None:
     """Write ``source`` (or its ``indices``) to ``out`` plus its sidecar; returns the sidecar.
 
     Refuses to replace an existing ``out`` unless ``overwrite``; never leaves a partial file
-    under ``out``. Bad input raises DataError before anything existing is touched.
+    under ``out``. Bad input raises DataError before anything existing is touched. One writer
+    per output: another one refuses, or with ``wait`` waits and returns None when the first
+    wrote the file meanwhile. ``where`` names the option that chose ``out`` (for messages).
     """
-    from ffcv.writer import DatasetWriter
-    from tqdm import tqdm
-
     options.check()
     out = Path(out).expanduser()
     if out.is_dir():
         raise DataError(f"output {str(out)!r} is a folder; give a file name such as "
                         f"{str(out / (split + '.beton'))!r}")
     if out.exists() and not overwrite:
-        raise DataError(f"{str(out)!r} already exists; pass --overwrite (data.overwrite) to "
-                        f"replace it or choose another --out")
+        raise DataError(f"{str(out)!r} already exists; pass --overwrite to replace it or "
+                        f"choose another {where}")
     order = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
     if len(order) == 0:
         raise DataError(f"source {source.name!r} ({split}) has no samples to write")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
     except OSError as err:
-        raise DataError(f"cannot create the folder of {str(out)!r} ({err.strerror}); choose "
-                        f"a writable --out") from None
-    if not os.access(out.parent, os.W_OK):
-        raise DataError(f"folder {str(out.parent)!r} is not writable; choose another --out")
+        raise DataError(f"cannot write into the folder of {str(out)!r} ({err.strerror}); "
+                        f"choose a writable {where}") from None
+    with exclusive(out, wait):
+        if out.exists() and not overwrite:
+            if wait:
+                return None  # written by the writer we waited for
+            raise DataError(f"{str(out)!r} was written by another process meanwhile; pass "
+                            f"--overwrite to replace it or choose another {where}")
+        return _write(source, out, options, order, split=split, skip_bad=skip_bad,
+                      progress=progress, seed=seed, provenance=provenance)
+
+
+def _write(source: ImageSource, out: Path, options: WriteOptions, order: np.ndarray, *,
+           split: str, skip_bad: bool, progress: bool, seed: int,
+           provenance: dict[str, Any] | None) -> dict[str, Any]:
+    from ffcv.writer import DatasetWriter
+    from tqdm import tqdm
+
     remove_stale_temps(out)
     tmp = temp_path(out)
     fields = options.fields()
@@ -252,7 +316,7 @@ def write_beton(source: ImageSource, out: str | os.PathLike, options: WriteOptio
         procs = [ctx.Process(target=_work, daemon=True,
                              args=(w, todo, results, done, writer.metadata_sm,
                                    writer.metadata_type, fields, allocator, source, skip_bad,
-                                   seed))
+                                   seed, os.getpid()))
                  for w in range(n_workers)]
         for p in procs:
             p.start()

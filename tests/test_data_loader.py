@@ -493,7 +493,7 @@ def test_seeded_crops_cover_the_range_like_torchvisions():
     over their ranges and flips half the time."""
     import numpy as np
 
-    from data.augment import _FLIP_DRAW, random_crop, sample_key, uniform
+    from data.decoders import _FLIP_DRAW, random_crop, sample_key, uniform
 
     scale, ratio = np.array([0.08, 1.0]), np.array([3 / 4, 4 / 3])
     key = [np.uint64(sample_key(0, 0, i)) for i in range(4000)]

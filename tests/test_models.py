@@ -108,20 +108,30 @@ def test_explicit_parameters_override_the_solver():
     assert (free.lam, free.alpha, free.beta, free.kappa, free.eps) == (1.0, 1.5, 1.0, 0.2, None)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: create_act("swish"),
-    lambda: create_act("sselu"),                       # needs ε
-    lambda: create_act("selu", eps=0.06),               # has no free ε
-    lambda: create_act("dselu", eps=0.06, central=True),
-    lambda: create_act("sselu", eps=0.06, kappa=0.1),   # sSELU fixes κ = 0
-    lambda: create_act("sselu", eps=0.06, gamma=2.0),
-    lambda: create_act("relu", trainable_lambda=True),
-    lambda: create_act("lselu", eps=float("nan")),
-    lambda: create_act("lselu", lam=1.0, alpha=float("inf"), kappa=0.1),
-    lambda: create_act("selu", central=True, lam=1.0, alpha=1.0),
+@pytest.mark.parametrize("call,message", [
+    (lambda: create_act("swish"),
+     r"unknown activation 'swish'; choose one of: dselu, lselu, relu, selu, sselu\."),
+    (lambda: create_act("sselu"),
+     r"sselu needs ε \(eps\); the paper uses ε between 0\.01 and 0\.07"),
+    (lambda: create_act("selu", eps=0.06),
+     r"selu has no free ε \(its parameters are fixed\); drop eps"),
+    (lambda: create_act("dselu", eps=0.06, central=True),
+     r"dselu cannot be centralized \(it has no parameter left for E\[f\]=0\)"),
+    (lambda: create_act("sselu", eps=0.06, kappa=0.1),
+     r"sselu \(eq\. 9\) fixes kappa=0, got kappa=0\.1; drop kappa"),
+    (lambda: create_act("sselu", eps=0.06, gamma=2.0),
+     r"unknown activation parameter\(s\) gamma; the parameters are: lam, alpha, beta, kappa\."),
+    (lambda: create_act("relu", trainable_lambda=True),
+     r"relu has no λ, α, β or κ to set or train \(got trainable_lambda\)"),
+    (lambda: create_act("lselu", eps=float("nan")),
+     r"ε must be a positive number, got nan"),
+    (lambda: create_act("lselu", lam=1.0, alpha=float("inf"), kappa=0.1),
+     r"alpha must be a finite number, got inf\."),
+    (lambda: create_act("selu", central=True, lam=1.0, alpha=1.0),
+     r"central=True solves selu's parameters for E\[f\] = 0, but all of lam, alpha were given"),
 ])
-def test_bad_activation_requests_are_one_sentence_user_errors(call):
-    with pytest.raises(ModelError) as err:
+def test_bad_activation_requests_are_one_sentence_user_errors(call, message):
+    with pytest.raises(ModelError, match=message) as err:
         call()
     assert "\n" not in str(err.value)
 
@@ -350,19 +360,28 @@ def test_serial_cnn_is_table_4():
     assert {t[1] for t in table} == {16, 32, 64} and table[-1] == (64, 64, 1, 8)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: create_model("resnet50", num_classes=10),
-    lambda: create_model("serial_cnn", num_classes=10, act="selu", depth=57),
-    lambda: create_model("serial_cnn", num_classes=10, act="selu", width_mult=2.0),
-    lambda: create_model("fc_snn", num_classes=2, act="selu"),  # no in_features
-    lambda: create_model("fc_snn", num_classes=2, act="selu", in_features=4, drop_rate=1.5),
-    lambda: create_model("conv_mobilenet_v1", num_classes=10, act="selu", norm="layernorm"),
-    lambda: create_model("conv_mobilenet_v1", num_classes=0, act="selu"),
-    lambda: create_model("conv_mobilenet_v1", num_classes=10, act="selu", width_mult=0),
-    lambda: create_model("conv_mobilenet_v1", num_classes=10),  # sselu without ε
+@pytest.mark.parametrize("call,message", [
+    (lambda: create_model("resnet50", num_classes=10),
+     r"unknown model 'resnet50'; choose one of: conv_mobilenet_v1, fc_snn, serial_cnn\."),
+    (lambda: create_model("serial_cnn", num_classes=10, act="selu", depth=57),
+     r"serial_cnn depth must be 6n \+ 2 with n ≥ 1 \(8, 14, 20, …, 56\), got 57\."),
+    (lambda: create_model("serial_cnn", num_classes=10, act="selu", width_mult=2.0),
+     r"serial_cnn takes no option\(s\) width_mult; its options are: depth, in_chans\."),
+    (lambda: create_model("fc_snn", num_classes=2, act="selu"),
+     r"fc_snn needs in_features, the number of input columns \(a positive integer\), got None\."),
+    (lambda: create_model("fc_snn", num_classes=2, act="selu", in_features=4, drop_rate=1.5),
+     r"drop_rate must be in \[0, 1\), got 1\.5\."),
+    (lambda: create_model("conv_mobilenet_v1", num_classes=10, act="selu", norm="layernorm"),
+     r"unknown norm 'layernorm'; choose one of: none, batchnorm\."),
+    (lambda: create_model("conv_mobilenet_v1", num_classes=0, act="selu"),
+     r"num_classes must be a positive integer, got 0\."),
+    (lambda: create_model("conv_mobilenet_v1", num_classes=10, act="selu", width_mult=0),
+     r"width_mult must be positive, got 0; 1\.0 is the paper's model"),
+    (lambda: create_model("conv_mobilenet_v1", num_classes=10),
+     r"sselu needs ε \(eps\)"),
 ])
-def test_bad_model_requests_are_one_sentence_user_errors(call):
-    with pytest.raises(ModelError) as err:
+def test_bad_model_requests_are_one_sentence_user_errors(call, message):
+    with pytest.raises(ModelError, match=message) as err:
         call()
     assert "\n" not in str(err.value)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data.errors import DataError
 from data.sources import ImageSource, register_source
 
 
@@ -31,6 +32,11 @@ class Digits(ImageSource):
                  val_fraction: float = 0.2, split_seed: int = 0):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
+
+        if not (isinstance(image_size, int) and image_size >= 8):
+            raise DataError(f"digits image_size must be an integer ≥ 8, got {image_size!r}")
+        if not 0 < val_fraction < 1:
+            raise DataError(f"digits val_fraction must lie in (0, 1), got {val_fraction!r}")
 
         digits = load_digits()
         train, val = train_test_split(np.arange(len(digits.target)), test_size=val_fraction,

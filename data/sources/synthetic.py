@@ -6,6 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data.errors import DataError
 from data.sources import ImageSource, register_source
 
 
@@ -30,6 +31,10 @@ class Synthetic(ImageSource):
     def __init__(self, root: Path | None, split: str, num_classes: int = 100,
                  num_samples: int | None = None, image_size: int = 256, seed: int = 0):
         n = num_samples if num_samples is not None else (10_000 if split == "train" else 2_000)
+        for name, value, low in (("num_classes", num_classes, 1), ("num_samples", n, 1),
+                                 ("image_size", image_size, 8)):
+            if not (isinstance(value, int) and value >= low):
+                raise DataError(f"synthetic {name} must be an integer ≥ {low}, got {value!r}")
         self.labels = np.arange(n, dtype=np.int64) % num_classes
         self.class_names = [f"class_{c}" for c in range(num_classes)]
         self.size = int(image_size)

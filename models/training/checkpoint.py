@@ -18,7 +18,9 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -125,6 +127,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check --ckpt_path")
+    if not zipfile.is_zipfile(path):  # torch.save's format since 1.6; a cut file loses its end
+        raise CheckpointError(f"checkpoint {path} is not a checkpoint file (truncated, or another "
+                              f"kind of file); use another checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except torch.serialization.pickle.UnpicklingError as err:
@@ -149,10 +154,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def _unsafe_global(err: BaseException) -> str:
-    for line in str(err).splitlines():
-        if "Unsupported global" in line or "GLOBAL" in line:
-            return line.strip().rstrip(".")
-    return _first_line(err)
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+    return f"it holds a {found[1]} object" if found else _first_line(err)
 
 
 class Checkpoint(ModelCheckpoint):

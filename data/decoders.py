@@ -1,18 +1,24 @@
-"""Seeded augmentation: every random draw is a function of (run seed, epoch, sample index).
+"""The image decoders of every recipe: seeded augmentation and decode errors that are reported.
 
-ffcv 1.0.2's random decoders and transforms draw from numba's per-thread generators, which are
-seeded from the OS: two runs with the same seed differ from their first batch, and a resumed run
-cannot repeat the interrupted epoch's crops. The decoders here draw from a counter-based hash
-(splitmix64) of the run's seed, the epoch and the sample's index instead, so
+Seeded: every random draw is a function of (run seed, epoch, sample index). ffcv 1.0.2's random
+decoders and transforms draw from numba's per-thread generators, which are seeded from the OS:
+two runs with the same seed differ from their first batch, and a resumed run cannot repeat the
+interrupted epoch's crops. Here the draws come from a counter-based hash (splitmix64) of the
+run's seed, the epoch and the sample's index instead, so
 
 * two runs with the same seed see bit-identical batches, whatever the number of threads;
 * a run resumed mid-epoch continues with the very crops and flips it would have seen;
 * every epoch and every sample gets fresh, independent draws.
 
-The decoders fuse the augmentations into the decode step (crop + resize + flip; flip + pad-and-
-crop) because ffcv hands the sample indices to decoders only. Each keeps a two-word state
-(seed, epoch) in a numpy array whose address the compiled code reads at every call, so the epoch
-changes without recompiling (``set_epoch``).
+The augmentations are fused into the decode step (crop + resize + flip; flip + pad-and-crop)
+because ffcv hands the sample indices to decoders only.
+
+Checked: ffcv ignores libjpeg-turbo's result, so a corrupt JPEG trains as garbage. These
+decoders record the first sample that fails to decode; ``FFCVLoader`` stops with one line naming
+the file and the sample.
+
+Each decoder keeps its small state (seed, epoch; the error count and sample) in numpy arrays
+whose addresses the compiled code reads at every call, so it changes without recompiling.
 """
 from __future__ import annotations
 
@@ -88,6 +94,13 @@ def random_crop(key, height, width, scale, ratio):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+@numba.njit
+def center_crop(height, width, ratio):
+    """ffcv's ``get_center_crop``: a centred square of ``ratio`` × the shorter side."""
+    c = int(ratio * min(height, width))
+    return (height - c) // 2, (width - c) // 2, c, c
+
+
 _FLIP_DRAW = 64  # draw index of the flip decision (after the crop's 40)
 _SHIFT_DRAW = 65  # and of the translation (65, 66)
 
@@ -104,11 +117,12 @@ def flip_rows(image):
                 image[y, w - 1 - x, c] = tmp
 
 
-class _Seeded:
-    """The (seed, epoch) state shared with the compiled code."""
+class _State:
+    """(seed, epoch) and (decode errors, a failing sample), shared with the compiled code."""
 
     def _init_state(self, seed: int) -> None:
         self.state = np.array([seed % 2 ** 64, 0], dtype=np.uint64)
+        self.errors = np.zeros(2, dtype=np.uint64)
 
     def set_epoch(self, epoch: int) -> None:
         self.state[1] = epoch
@@ -116,15 +130,26 @@ class _Seeded:
     def set_seed(self, seed: int) -> None:
         self.state[0] = seed % 2 ** 64
 
+    def failed_sample(self) -> int | None:
+        """A sample that failed to decode since the last call (then cleared), or None."""
+        if not self.errors[0]:
+            return None
+        sample = int(self.errors[1])
+        self.errors[:] = 0
+        return sample
 
-class SeededRandomResizedCrop(_Seeded, ResizedCropRGBImageDecoder):
-    """RandomResizedCrop (+ horizontal flip with probability ``flip_prob``) as the decoder."""
+
+class CropDecoder(_State, ResizedCropRGBImageDecoder):
+    """Decode, crop and resize to ``output_size``: a seeded RandomResizedCrop (+ horizontal
+    flip with probability ``flip_prob``), or with ``center_ratio`` the centred crop of that
+    ratio of the shorter side (validation)."""
 
     def __init__(self, output_size: tuple[int, int], scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_prob: float = 0.0,
-                 seed: int = 0) -> None:
+                 center_ratio: float | None = None, seed: int = 0) -> None:
         super().__init__(output_size)
         self.scale, self.ratio, self.flip_prob = scale, ratio, flip_prob
+        self.center_ratio = center_ratio
         self._init_state(seed)
 
     @property
@@ -140,11 +165,14 @@ class SeededRandomResizedCrop(_Seeded, ResizedCropRGBImageDecoder):
         scale = np.array(self.scale, dtype=np.float64)
         ratio = np.array(self.ratio, dtype=np.float64)
         flip_prob = float(self.flip_prob)
-        address = self.state.ctypes.data
+        center = self.center_ratio is not None
+        center_ratio = float(self.center_ratio or 1.0)
+        address, errors_at = self.state.ctypes.data, self.errors.ctypes.data
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
             state = numba.carray(_u64_pointer(address), (2,))
+            errors = numba.carray(_u64_pointer(errors_at), (2,))
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
@@ -153,15 +181,20 @@ class SeededRandomResizedCrop(_Seeded, ResizedCropRGBImageDecoder):
                 width = np.uint32(field["width"])
                 if field["mode"] == jpg:
                     temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1,
-                               1, False, False)
+                    if imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0,
+                                  1, 1, False, False) != 0:
+                        errors[0] += np.uint64(1)
+                        errors[1] = np.uint64(source_ix)
                     selected_size = 3 * height * width
                     temp_buffer = temp_buffer.reshape(-1)[:selected_size]
                     temp_buffer = temp_buffer.reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
                 key = sample_key(state[0], state[1], source_ix)
-                i, j, h, w = random_crop(key, int(height), int(width), scale, ratio)
+                if center:
+                    i, j, h, w = center_crop(int(height), int(width), center_ratio)
+                else:
+                    i, j, h, w = random_crop(key, int(height), int(width), scale, ratio)
                 resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
                 if flip_prob > 0 and uniform(key, _FLIP_DRAW) < flip_prob:
                     flip_rows(destination[dst_ix])
@@ -171,11 +204,12 @@ class SeededRandomResizedCrop(_Seeded, ResizedCropRGBImageDecoder):
         return decode
 
 
-class SeededPadCrop(_Seeded, SimpleRGBImageDecoder):
-    """The CIFAR recipe as the decoder: flip (probability ``flip_prob``), then a random crop of
-    the image zero-padded by ``padding`` pixels on every side (ffcv's RandomTranslate)."""
+class PadCropDecoder(_State, SimpleRGBImageDecoder):
+    """Decode images of one fixed size; for training the CIFAR recipe on top: flip
+    (probability ``flip_prob``), then a random crop of the image zero-padded by ``padding``
+    pixels on every side (ffcv's RandomTranslate). ``padding=0, flip_prob=0``: decode only."""
 
-    def __init__(self, padding: int, flip_prob: float = 0.5, seed: int = 0) -> None:
+    def __init__(self, padding: int = 0, flip_prob: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         self.padding, self.flip_prob = int(padding), flip_prob
         self._init_state(seed)
@@ -193,11 +227,12 @@ class SeededPadCrop(_Seeded, SimpleRGBImageDecoder):
         my_memcpy = Compiler.compile(memcpy)
         pad = self.padding
         flip_prob = float(self.flip_prob)
-        address = self.state.ctypes.data
+        address, errors_at = self.state.ctypes.data, self.errors.ctypes.data
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
             state = numba.carray(_u64_pointer(address), (2,))
+            errors = numba.carray(_u64_pointer(errors_at), (2,))
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
@@ -205,8 +240,10 @@ class SeededPadCrop(_Seeded, SimpleRGBImageDecoder):
                 height, width = field["height"], field["width"]
                 image = temp_storage[dst_ix]
                 if field["mode"] == jpg:
-                    imdecode_c(image_data, image, height, width, height, width, 0, 0, 1, 1,
-                               False, False)
+                    if imdecode_c(image_data, image, height, width, height, width, 0, 0, 1, 1,
+                                  False, False) != 0:
+                        errors[0] += np.uint64(1)
+                        errors[1] = np.uint64(source_ix)
                 else:
                     my_memcpy(image_data, image)
                 key = sample_key(state[0], state[1], source_ix)
@@ -229,9 +266,9 @@ class SeededPadCrop(_Seeded, SimpleRGBImageDecoder):
         return decode
 
 
-def seeded_ops(steps: list) -> list[_Seeded]:
-    """The seeded decoders among ``steps``."""
-    return [s for s in steps if isinstance(s, _Seeded)]
+def stateful(steps: list) -> list[_State]:
+    """The decoders among ``steps`` (seeded, and checked for decode errors)."""
+    return [s for s in steps if isinstance(s, _State)]
 
 
-__all__ = ["SeededPadCrop", "SeededRandomResizedCrop", "sample_key", "seeded_ops", "uniform"]
+__all__ = ["CropDecoder", "PadCropDecoder", "sample_key", "stateful", "uniform"]
