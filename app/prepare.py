@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     from data.writer import WRITE_MODES
 
     p = argparse.ArgumentParser(prog="python -m app prepare", description=__doc__,
+                                epilog=source_defaults(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help=f"one of: {', '.join(list_sources())}")
     p.add_argument("--root", help="the dataset folder (imagefolder, tiny-imagenet, cifar10/100)")
@@ -46,6 +47,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip (and count) unreadable images instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def source_defaults() -> str:
+    """The table of each source's storage defaults, for ``--help``."""
+    from data.prepare import write_options
+    from data.sources import get_source, list_sources
+
+    rows = [("source", "write-mode", "max-resolution", "compress-probability", "jpeg-quality",
+             "train resolution", "recipe")]
+    for name in list_sources():
+        cls, opts = get_source(name), write_options(name)
+        rows.append((name, opts.write_mode, str(opts.max_resolution or "keep"),
+                     f"{opts.compress_probability:g}", str(opts.jpeg_quality),
+                     str(cls.default_resolution()), cls.recipe))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "storage defaults per source (an option given overrides them):\n  " + "\n  ".join(
+        lines)
 
 
 def _interrupt(signum, frame):

@@ -151,3 +151,18 @@ def test_a_run_prints_no_known_third_party_noise(tmp_path):
     for noise in ("LeafSpec", "💡 Tip", "Total Flops", "weights_only` was not set",
                   "was deprecated in v4"):
         assert noise not in text, noise
+
+
+def test_prepare_help_prints_each_sources_storage_defaults(capsys):
+    from data.prepare import write_options
+    from data.sources import list_sources
+
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    out = capsys.readouterr().out
+    assert "storage defaults per source" in out
+    table = out.split("storage defaults per source")[1].splitlines()
+    for name in list_sources():
+        row = next(line.split() for line in table if line.split()[:1] == [name])
+        opts = write_options(name)
+        assert row[1] == opts.write_mode and row[2] == str(opts.max_resolution or "keep")
