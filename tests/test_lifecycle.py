@@ -344,3 +344,65 @@ def test_a_full_disk_stops_with_one_line_and_intact_checkpoints(tmp_path, betons
     assert not list(ckpts.glob(".*partial"))
     for path in ckpts.glob("*.ckpt"):
         state(path)  # every file under a final name is a complete checkpoint
+
+
+# ---- DDP: every rank stops at the same step, rank 0 writes ---------------------------------------
+
+DDP_SCRIPT = '''
+import sys, time
+import torch, lightning as L, torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from models.errors import Preempted
+from models.training.checkpoint import Checkpoint
+from models.training.preemption import Preemption
+
+class Net(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(12, 32), nn.SELU(), nn.Linear(32, 5))
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.05)  # slow enough to signal mid-run
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+class Beacon(L.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.is_global_zero and trainer.global_step == 3:
+            print("READY", flush=True)
+
+torch.manual_seed(0)
+data = TensorDataset(torch.randn(4096, 12), torch.randint(0, 5, (4096,)))
+trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                    enable_progress_bar=False, enable_model_summary=False,
+                    callbacks=[Checkpoint(dirpath="ckpt", monitor=None), Preemption(), Beacon()])
+try:
+    trainer.fit(Net(), DataLoader(data, batch_size=16))
+except Preempted as err:
+    print(f"rank {trainer.global_rank} stopped at {err.step}", flush=True)
+    sys.exit(128 + err.signum)
+'''
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_at_the_same_step_and_rank_0_writes(tmp_path):
+    (tmp_path / "run.py").write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "run.py"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        if line.startswith("READY"):
+            break
+        assert time.monotonic() < deadline
+    proc.send_signal(signal.SIGTERM)  # the scheduler signals the launching process (rank 0)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    import re
+
+    stops = dict(re.findall(r"rank (\d) stopped at (\d+)", out))
+    assert set(stops) == {"0", "1"} and stops["0"] == stops["1"], out
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["last.ckpt"]
+    assert state(tmp_path / "ckpt" / "last.ckpt")["global_step"] == int(stops["0"])
