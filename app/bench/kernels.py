@@ -166,46 +166,57 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from models.theory.solver import solve
-
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda needs a visible GPU; use --device cpu")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     shape = args.shape or (PAPER_SHAPE if use_cuda else CPU_SHAPE)
-    act = solve(args.act, eps=None if args.act == "selu" else 0.06)
     if min(args.repeats, args.inner) < 1 or args.warmup < 0:
         raise UserError("--repeats and --inner must be >= 1 and --warmup >= 0")
-    timer = _timer(device, args.inner)
-
     for dtype_name in args.dtype or ["float32", "bfloat16"]:
-        dtype = getattr(torch, dtype_name)
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-        grad = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-        out = torch.empty_like(x)
-        times, copy_s = _measure(_cases(x, grad, act, not args.no_compile),
-                                 lambda: out.copy_(x), timer, args.repeats, args.warmup)
-        copy_bw = 2 * x.numel() * x.element_size() / copy_s
-        nbytes = {"forward": 2 * x.numel() * x.element_size(),
-                  "forward_backward": 5 * x.numel() * x.element_size()}
-        report = {
-            "device": _device_name(device), "shape": list(shape), "dtype": dtype_name,
-            "act": args.act, "copy_GBps": copy_bw / 1e9,
-            "results": {name: {k: {"ms": t * 1e3, "GBps": nbytes[k] / t / 1e9,
-                                   "pct_copy": 100 * nbytes[k] / t / copy_bw}
-                               for k, t in r.items()} for name, r in times.items()},
-        }
-        ours, selu = times["selu_family, trainable λ"], times["F.selu"]
-        report["ratios"] = {
-            "forward_vs_selu": times["selu_family, fixed λ"]["forward"] / selu["forward"],
-            "trainable_fwd_bwd_vs_selu": ours["forward_backward"] / selu["forward_backward"],
-        }
+        report = measure(device, shape, dtype_name, args.act, repeats=args.repeats,
+                         warmup=args.warmup, inner=args.inner, with_compile=not args.no_compile)
         if args.json:
             print(json.dumps(report))
         else:
             _print(report)
     return 0
+
+
+def measure(device, shape: tuple[int, ...], dtype_name: str, act_name: str = "sselu", *,
+            repeats: int = 20, warmup: int = 3, inner: int = 10,
+            with_compile: bool = True) -> dict:
+    """One dtype's report: median times of every candidate, their bandwidth and share of the
+    copy bandwidth measured in the same rounds, and the two target ratios (``selftest`` reuses
+    this at a short setting)."""
+    import torch
+
+    from models.theory.solver import solve
+
+    act = solve(act_name, eps=None if act_name == "selu" else 0.06)
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    grad = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    out = torch.empty_like(x)
+    times, copy_s = _measure(_cases(x, grad, act, with_compile), lambda: out.copy_(x),
+                             _timer(device, inner), repeats, warmup)
+    copy_bw = 2 * x.numel() * x.element_size() / copy_s
+    nbytes = {"forward": 2 * x.numel() * x.element_size(),
+              "forward_backward": 5 * x.numel() * x.element_size()}
+    report = {
+        "device": _device_name(device), "shape": list(shape), "dtype": dtype_name,
+        "act": act_name, "copy_GBps": copy_bw / 1e9,
+        "results": {name: {k: {"ms": t * 1e3, "GBps": nbytes[k] / t / 1e9,
+                               "pct_copy": 100 * nbytes[k] / t / copy_bw}
+                           for k, t in r.items()} for name, r in times.items()},
+    }
+    ours, selu = times["selu_family, trainable λ"], times["F.selu"]
+    report["ratios"] = {
+        "forward_vs_selu": times["selu_family, fixed λ"]["forward"] / selu["forward"],
+        "trainable_fwd_bwd_vs_selu": ours["forward_backward"] / selu["forward_backward"],
+    }
+    return report
 
 
 def _print(r: dict) -> None:

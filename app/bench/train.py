@@ -71,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line's options, unset ones left None for ``run`` to fill per device."""
+    return _parser().parse_args(argv)
+
+
 def _choices(text: str, allowed, flag: str) -> list[str]:
     items = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in items if s not in allowed]
@@ -192,7 +197,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[Result]]:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     device, results = run(args)
     print(f"conv_mobilenet_v1 width {args.width_mult:g}, {args.image_size}×{args.image_size}, "
           f"batch {args.batch_size}, {'fp32' if args.precision == '32' else args.precision}, "
