@@ -117,6 +117,14 @@ def flip_rows(image):
                 image[y, w - 1 - x, c] = tmp
 
 
+@numba.njit(inline="always")
+def record_failure(errors, status, source_ix):
+    """Count a failed decode (libjpeg-turbo's ``status`` != 0) and keep the sample's index."""
+    if status != 0:
+        errors[0] += np.uint64(1)
+        errors[1] = np.uint64(source_ix)
+
+
 class _State:
     """(seed, epoch) and (decode errors, a failing sample), shared with the compiled code."""
 
@@ -181,10 +189,9 @@ class CropDecoder(_State, ResizedCropRGBImageDecoder):
                 width = np.uint32(field["width"])
                 if field["mode"] == jpg:
                     temp_buffer = temp_storage[dst_ix]
-                    if imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0,
-                                  1, 1, False, False) != 0:
-                        errors[0] += np.uint64(1)
-                        errors[1] = np.uint64(source_ix)
+                    status = imdecode_c(image_data, temp_buffer, height, width, height, width,
+                                        0, 0, 1, 1, False, False)
+                    record_failure(errors, status, source_ix)
                     selected_size = 3 * height * width
                     temp_buffer = temp_buffer.reshape(-1)[:selected_size]
                     temp_buffer = temp_buffer.reshape(height, width, 3)
@@ -240,10 +247,9 @@ class PadCropDecoder(_State, SimpleRGBImageDecoder):
                 height, width = field["height"], field["width"]
                 image = temp_storage[dst_ix]
                 if field["mode"] == jpg:
-                    if imdecode_c(image_data, image, height, width, height, width, 0, 0, 1, 1,
-                                  False, False) != 0:
-                        errors[0] += np.uint64(1)
-                        errors[1] = np.uint64(source_ix)
+                    status = imdecode_c(image_data, image, height, width, height, width, 0, 0,
+                                        1, 1, False, False)
+                    record_failure(errors, status, source_ix)
                 else:
                     my_memcpy(image_data, image)
                 key = sample_key(state[0], state[1], source_ix)

@@ -253,7 +253,7 @@ def test_bad_arguments_are_one_line_errors_that_touch_nothing(tmp_path, capsys):
     assert main(["diagnose", "--config", "demo.yaml", "--batches", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --batches must be at least 1, got 0"
     assert main(["diagnose", "--config", "demo.yaml", "--out", str(out)]) == 2
-    assert "is a file; pass a folder" in capsys.readouterr().err
+    assert "is a file; give a folder" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
     assert main(["diagnose", "--config", "no_such_config"]) == 2
     assert "not found" in capsys.readouterr().err
