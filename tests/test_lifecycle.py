@@ -406,3 +406,22 @@ def test_ddp_ranks_stop_at_the_same_step_and_rank_0_writes(tmp_path):
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == ["last.ckpt"]
     assert state(tmp_path / "ckpt" / "last.ckpt")["global_step"] == int(stops["0"])
+
+
+def test_only_partials_of_dead_writers_on_this_host_are_removed(tmp_path):
+    import socket
+
+    from models.training.checkpoint import remove_stale_partials
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    files = {"dead": f".last.ckpt.{host}.{dead.pid}.partial",
+             "alive": f".last.ckpt.{host}.{os.getpid()}.partial",
+             "other host": f".last.ckpt.node-b-{host}.{dead.pid}.partial",
+             "not ours": ".notes.partial"}
+    for name in files.values():
+        (tmp_path / name).write_bytes(b"x")
+    remove_stale_partials(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        v for k, v in files.items() if k != "dead")

@@ -19,6 +19,7 @@ import errno
 import io
 import os
 import re
+import socket
 import time
 import zipfile
 from pathlib import Path
@@ -41,16 +42,20 @@ class CheckpointError(ModelError):
 
 
 def _partial_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}{_PARTIAL}")
+    # host and pid: on a shared file system only this host can tell whether the writer lives
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}{_PARTIAL}")
 
 
 def remove_stale_partials(folder: Path) -> None:
-    """Delete the temporary files that killed processes left in ``folder``."""
+    """Delete the temporary files that killed processes on this host left in ``folder``."""
     if not folder.is_dir():
         return
+    host = socket.gethostname()
     for entry in folder.glob(f".*{_PARTIAL}"):
-        pid = entry.name[:-len(_PARTIAL)].rsplit(".", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        parts = entry.name[:-len(_PARTIAL)].rsplit(".", 2)
+        if len(parts) != 3 or parts[1] != host or not parts[2].isdigit():
+            continue
+        if not _alive(int(parts[2])):
             entry.unlink(missing_ok=True)
 
 
