@@ -200,6 +200,7 @@ def _cli_class():
             _check_accelerator(trainer_cfg.get("accelerator"))
             init = self.config_init[self.subcommand] if self.subcommand else self.config_init
             callbacks = list(init["trainer"].get("callbacks") or [])
+            _refuse_group_callbacks(callbacks, groups)
             if trainer_cfg.get("enable_progress_bar") is False:  # the user's "no bar" wins
                 callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
             if trainer_cfg.get("enable_model_summary") is not False and not any(
@@ -249,6 +250,18 @@ def _cli_class():
                 print(summary, flush=True)
 
     return SelfnormCLI, KeepingSaveConfig
+
+
+def _refuse_group_callbacks(callbacks: list, groups: dict[str, type]) -> None:
+    """A callback every run already has, listed again under trainer.callbacks, would run twice
+    (two monitors logging the same tags, two guards, mixup applied twice): refuse it, naming
+    its option group. A plain ModelCheckpoint stays allowed (a second, user-defined one)."""
+    for c in callbacks:
+        for name, cls in groups.items():
+            if type(c) is cls:
+                raise UserError(f"trainer.callbacks lists {cls.__name__}, which every run "
+                                f"already has; drop it and set its options as --{name}.* "
+                                f"(in a config: a top-level '{name}:' section)")
 
 
 def fit_summary(trainer: Any, seconds: float) -> str:

@@ -237,6 +237,9 @@ CASES = [
      r"model.init_args.num_classes is taken from the data module \(data.num_classes\); drop it"),
     ("optimizer", lambda f: ["fit", *FIT, "--optimizer", "AdamW"],
      r"--optimizer is not an option here"),
+    ("callback-twice", lambda f: ["fit", *FIT, "--trainer.callbacks+=models.DivergenceGuard"],
+     r"trainer.callbacks lists DivergenceGuard, which every run already has; drop it and set "
+     r"its options as --guard.\* \(in a config: a top-level 'guard:' section\)"),
     ("monitor", lambda f: ["fit", *FIT, "--monitor.every_n_steps=0"],
      r"NormalizationMonitor every_n_steps must be a positive integer, got 0."),
     ("checkpoint-steps", lambda f: ["fit", *FIT, "--checkpoint.every_n_train_steps=0"],

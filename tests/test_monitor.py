@@ -465,10 +465,8 @@ def test_app_fit_exits_3_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pa
                     "callbacks": [
                         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                          "init_args": {"dirpath": str(ckpt), "save_last": True,
-                                       "every_n_train_steps": 1000}},
-                        {"class_path": "models.NormalizationMonitor",
-                         "init_args": {"every_n_steps": 50}},
-                        {"class_path": "models.DivergenceGuard"}]},
+                                       "every_n_train_steps": 1000}}]},
+        "monitor": {"every_n_steps": 50},
         "model": {"class_path": "models.ImageClassifier",
                   "init_args": {"model": "serial_cnn", "act": "sselu", "eps": 0.06,
                                 "model_kwargs": {"depth": 8}, "lr": 0.01}},
