@@ -17,10 +17,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from app.cli import make_cli, resolve_config
 from app.errors import UserError
 from app.paths import check_output_folder
-from models.training.diagnose import Diagnosis, diagnose
+from models.training.diagnose import Diagnosis, diagnose, pool
 from models.training.mixup import Mixup
 from models.training.plot import save_png
 from models.training.stats import activation_label
@@ -74,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=4, help="forward/backward passes (default 4)")
     p.add_argument("--out", type=Path, default=Path("diagnose"),
                    help="folder for <config>.png and <config>.json (default ./diagnose)")
+    p.add_argument("--draws", type=int, default=3,
+                   help="weight draws (seeds seed, seed+1, ...) pooled on the same batches; the "
+                        "theory is a mean over draws (default 3; 1: the weights fit starts "
+                        "from)")
     p.add_argument("--layers", nargs="+", default=None,
                    help="fnmatch patterns of the layers to show (default: all conv/linear)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
@@ -85,6 +91,8 @@ def main(argv: list[str]) -> int:
     args, overrides = _parser().parse_known_args(argv)
     if args.batches < 1:
         raise UserError(f"--batches must be at least 1, got {args.batches}")
+    if args.draws < 1:
+        raise UserError(f"--draws must be at least 1, got {args.draws}")
     check_output_folder(args.out, "--out")
 
     stem = resolve_config(args.config).stem
@@ -96,22 +104,34 @@ def main(argv: list[str]) -> int:
     data.trainer = trainer  # batches on the trainer's device and in its precision's dtype
     data.prepare_data()
     data.setup("fit")
-    _set_mixer(model, trainer)
     plugin = trainer.precision_plugin
-    model = plugin.convert_module(model).to(trainer.strategy.root_device)
-    batches = itertools.islice(iter(data.train_dataloader()), args.batches)
-    result = diagnose(model, batches, args.layers, context=plugin.forward_context)
+    # copies: ffcv reuses its batch buffers, and every draw sees the same batches
+    batches = [[t.clone() if isinstance(t, torch.Tensor) else t for t in batch]
+               for batch in itertools.islice(iter(data.train_dataloader()), args.batches)]
+    seed = cli.config.get("seed_everything")
+    seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else torch.initial_seed()
+    results = []
+    for k in range(args.draws):
+        if k:  # draw 0 is the model fit would start from; the others the next seeds' weights
+            torch.manual_seed(seed + k)
+            model = type(model)(**{k: v for k, v in model.hparams.items()
+                                   if not k.startswith("_")})  # LightningCLI's _class_path
+        _set_mixer(model, trainer)
+        model = plugin.convert_module(model).to(trainer.strategy.root_device)
+        results.append(diagnose(model, batches, args.layers, context=plugin.forward_context))
+    result = pool(results)
 
     label = activation_label(model)
-    print(f"{stem}: {type(model).__name__}, {label}; {result.h2.shape[0]} batch(es) on "
-          f"{trainer.strategy.root_device}; first layer's input E[x²] = "
-          f"{result.input_h2[:, 0].mean():.4g}")
+    print(f"{stem}: {type(model).__name__}, {label}; {args.draws} weight draw(s) × "
+          f"{len(batches)} batch(es) on {trainer.strategy.root_device}; first layer's input "
+          f"E[x²] = {result.input_h2[:, 0].mean():.4g}")
     print(format_table(result))
     print(theory_note(result))
     args.out.mkdir(parents=True, exist_ok=True)
     png, js = args.out / f"{stem}.png", args.out / f"{stem}.json"
     save_png(result.figure(f"{label} — {stem}, at initialisation"), png)
-    js.write_text(json.dumps({"config": stem, "activation": label, **result.to_json()},
+    js.write_text(json.dumps({"config": stem, "activation": label, "draws": args.draws,
+                              "batches": len(batches), **result.to_json()},
                              indent=1, ensure_ascii=False))
     print(f"wrote {png} and {js}")
     return 0

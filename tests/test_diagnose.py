@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.training.diagnose import _geometry, diagnose
+from models.training.diagnose import _geometry, diagnose, pool
 from app.diagnose import format_table, theory_note
 from app.main import main
 from models import create_model
@@ -245,6 +245,21 @@ def test_the_table_and_json_carry_every_layer():
     assert rows[-1]["grad_w_theory"] is None and rows[0]["theory_from"] == "measured"
 
 
+def test_pooled_draws_keep_every_measurement_and_average_the_theory():
+    batches = gaussian_batches(2, 16, 64)
+    draws = [diagnose(fc_snn("sselu", 0.06, depth=4, width=16), batches)]
+    torch.manual_seed(1)
+    draws.append(diagnose(create_model("fc_snn", num_classes=10, act="sselu", eps=0.06,
+                                       in_features=64, depth=4, width=16), batches))
+    assert not np.allclose(draws[0].h2, draws[1].h2)  # another draw, the same batches
+    both = pool(draws)
+    np.testing.assert_array_equal(both.h2, np.concatenate([d.h2 for d in draws]))
+    np.testing.assert_allclose(both.theory_h2, (draws[0].theory_h2 + draws[1].theory_h2) / 2)
+    np.testing.assert_allclose(both.columns()["h2"], np.concatenate([d.h2 for d in draws]).mean(0))
+    with pytest.raises(ValueError, match="the draws are of different models"):
+        pool([draws[0], diagnose(fc_snn("sselu", 0.06, depth=3, width=16), batches)])
+
+
 # ---- the command ------------------------------------------------------------------------------
 
 def test_bad_arguments_are_one_line_errors_that_touch_nothing(tmp_path, capsys):
@@ -252,6 +267,8 @@ def test_bad_arguments_are_one_line_errors_that_touch_nothing(tmp_path, capsys):
     out.write_bytes(b"keep me")
     assert main(["diagnose", "--config", "demo.yaml", "--batches", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --batches must be at least 1, got 0"
+    assert main(["diagnose", "--config", "demo.yaml", "--draws", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --draws must be at least 1, got 0"
     assert main(["diagnose", "--config", "demo.yaml", "--out", str(out)]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
@@ -263,11 +280,12 @@ def test_bad_arguments_are_one_line_errors_that_touch_nothing(tmp_path, capsys):
 def test_diagnose_a_shipped_config_with_an_override(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SELFNORM_DATA_DIR", str(tmp_path / "data"))
     out = tmp_path / "report"
-    assert main(["diagnose", "--config", "demo.yaml", "--batches", "2", "--out", str(out),
-                 "--model.init_args.eps", "0.03"]) == 0
+    assert main(["diagnose", "--config", "demo.yaml", "--batches", "2", "--draws", "2",
+                 "--out", str(out), "--model.init_args.eps", "0.03"]) == 0
     printed = capsys.readouterr().out
-    assert "sselu (central), ε = 0.03" in printed
+    assert "sselu (central), ε = 0.03; 2 weight draw(s) × 2 batch(es)" in printed
     report = json.loads((out / "demo.json").read_text())
+    assert (report["draws"], report["batches"]) == (2, 2)
     convs = [r for r in report["layers"] if r["name"].endswith("conv")]
     assert len(convs) >= 10 and report["layers"][-1]["name"] == "fc"
     assert all(r["h2"] > 0 and r["grad_w"] > 0 for r in report["layers"])

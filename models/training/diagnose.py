@@ -180,6 +180,29 @@ def diagnose(model: nn.Module, batches: Iterable[Any], layers: str | list[str] |
                      geometry, kind)
 
 
+def pool(draws: Sequence[Diagnosis]) -> Diagnosis:
+    """Several weight draws of one model on the same batches as one Diagnosis: the measured rows
+    of all draws together, the theory averaged over the draws. The theory is an expectation
+    over weight draws; a single draw of a narrow layer on correlated inputs (real images) can
+    sit far from it, since the cross terms Σ w_i w_j E[x_i x_j] only cancel on average."""
+    if not draws:
+        raise ValueError("pool needs at least one Diagnosis")
+    first = draws[0]
+    if any(d.names != first.names or d.links != first.links for d in draws):
+        raise ValueError("pool: the draws are of different models")
+
+    def cat(key: str) -> np.ndarray:
+        return np.concatenate([getattr(d, key) for d in draws], axis=0)
+
+    def mean(key: str) -> np.ndarray:
+        return np.mean([getattr(d, key) for d in draws], axis=0)
+
+    return Diagnosis(first.names, first.links, cat("h2"), cat("mean"), cat("grad_w"),
+                     cat("input_h2"), cat("grad_w_sample"), mean("theory_h2"),
+                     mean("theory_grad_w"), mean("theory_h2_plain"), mean("theory_grad_w_plain"),
+                     first.geometry, first.theory_kind)
+
+
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
