@@ -403,3 +403,83 @@ def test_folder_splits_must_differ(folder, tmp_path, monkeypatch):
     with pytest.raises(DataError, match="val would repeat train"):
         flat.prepare_data()
     assert not (tmp_path / "cache").exists()
+
+
+# ---- holdout: a share of train as the val set, for choosing hyper-parameters ------------------
+
+def _tiny_imagenet(tmp_path: Path, per_class: int = 10) -> Path:
+    """Tiny ImageNet's layout: 3 classes of ``per_class`` train images each, 3 val images."""
+    base = tmp_path / "tiny-imagenet-200"
+    wnids = ["n03", "n01", "n02"]
+    (base / "val" / "images").mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for k, w in enumerate(wnids):
+        for j in range(per_class):
+            save(base / "train" / w / "images" / f"{w}_{j}.JPEG",
+                 Image.fromarray(rgb(8, 8, 10 * k + j)), "JPEG")
+    notes = []
+    for j, w in enumerate(wnids):
+        save(base / "val" / "images" / f"val_{j}.JPEG", Image.fromarray(rgb(8, 8, 99 + j)),
+             "JPEG")
+        notes.append(f"val_{j}.JPEG\t{w}\t0\t0\t8\t8")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(notes) + "\n")
+    return base
+
+
+def test_tiny_imagenet_holdout_is_stratified_seeded_and_disjoint(tmp_path):
+    base = _tiny_imagenet(tmp_path)
+    full = open_source("tiny-imagenet", base, "train")
+    train = open_source("tiny-imagenet", base, "train", holdout=0.2)
+    held = open_source("tiny-imagenet", base, "val", holdout=0.2)
+    assert np.bincount(train.labels).tolist() == [8, 8, 8]
+    assert np.bincount(held.labels).tolist() == [2, 2, 2]
+    assert not set(train.files) & set(held.files)
+    assert sorted(train.files + held.files) == sorted(full.files)
+    assert all("/train/" in f for f in held.files)  # never the official val images
+    label = dict(zip(full.files, full.labels.tolist()))
+    assert [label[f] for f in held.files] == held.labels.tolist()
+    assert train.files == [f for f in full.files if f in set(train.files)]  # file order kept
+    again = open_source("tiny-imagenet", base, "val", holdout=0.2)
+    assert again.files == held.files
+    other = open_source("tiny-imagenet", base, "val", holdout=0.2, holdout_seed=1)
+    assert other.files != held.files and np.bincount(other.labels).tolist() == [2, 2, 2]
+    assert open_source("tiny-imagenet", base, "val").files[0].endswith("val/images/val_0.JPEG")
+
+
+def test_holdout_betons_through_the_data_module(tmp_path, monkeypatch):
+    from data.datamodule import FFCVImageDataModule
+
+    monkeypatch.setenv("SELFNORM_DATA_DIR", str(tmp_path / "cache"))
+    base = _tiny_imagenet(tmp_path)
+    plain = FFCVImageDataModule(source="tiny-imagenet", root=str(base), batch_size=2)
+    held = FFCVImageDataModule(source="tiny-imagenet", root=str(base), batch_size=2,
+                               source_options={"holdout": 0.3})
+    assert held.train_path != plain.train_path and held.val_path != plain.val_path
+    held.prepare_data()
+    assert np.bincount(stored_labels(held.train_path)).tolist() == [7, 7, 7]
+    assert np.bincount(stored_labels(held.val_path)).tolist() == [3, 3, 3]
+    assert read_sidecar(held.val_path)["source_options"] == {"holdout": 0.3}
+    assert not plain.train_path.exists()
+
+
+def test_imagefolder_holdout_reads_train_only(folder, tmp_path):
+    root, _ = folder
+    train = open_source("imagefolder", root, "train", holdout=0.34)
+    held = open_source("imagefolder", root, "val", holdout=0.34)
+    assert np.bincount(held.labels).tolist() == [1, 1, 1]  # round(0.34 · 3) per class
+    assert np.bincount(train.labels).tolist() == [2, 2, 2]
+    assert all("/train/" in f for f in held.files)
+    assert not set(train.files) & set(held.files)
+
+
+@pytest.mark.parametrize("holdout", [1.0, -0.1, 2, "half"])
+def test_bad_holdout_is_a_data_error(tmp_path, holdout):
+    base = _tiny_imagenet(tmp_path)
+    with pytest.raises(DataError, match="holdout .* must be a fraction in \\(0, 1\\)"):
+        open_source("tiny-imagenet", base, "train", holdout=holdout)
+
+
+def test_holdout_needs_two_images_a_class(tmp_path):
+    base = _tiny_imagenet(tmp_path, per_class=1)
+    with pytest.raises(DataError, match="at least 2 per class"):
+        open_source("tiny-imagenet", base, "val", holdout=0.5)

@@ -15,6 +15,39 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
+def holdout_mask(labels: np.ndarray, holdout: float, seed: int) -> np.ndarray:
+    """True for the samples of a fixed, seeded, stratified ``holdout`` share of each class.
+
+    Each class holds out ``round(holdout · n)`` of its ``n`` samples (at least 1, at most
+    ``n − 1``), drawn with a generator of its own (``seed``, class index), so a class's choice
+    depends only on its own files and the seed: the same on every machine and run.
+    """
+    if not _check_holdout(holdout):
+        raise DataError("holdout must be a fraction in (0, 1), e.g. 0.1")
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if len(members) < 2:
+            raise DataError(f"class {int(c)} has {len(members)} train image(s); a holdout needs "
+                            f"at least 2 per class, or leave holdout out")
+        k = min(len(members) - 1, max(1, int(round(holdout * len(members)))))
+        chosen = np.random.default_rng([seed, int(c)]).choice(members, size=k, replace=False)
+        mask[chosen] = True
+    return mask
+
+
+def _check_holdout(holdout: float | None) -> float:
+    """The holdout fraction as a float; 0 (or None) means none."""
+    try:
+        value = float(holdout or 0.0)
+    except (TypeError, ValueError):
+        value = -1.0
+    if value and not 0 < value < 1:
+        raise DataError(f"holdout {holdout!r} must be a fraction in (0, 1), e.g. 0.1; leave it "
+                        f"out (or 0) to use the official splits")
+    return value
+
+
 def _images_under(folder: Path) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -27,6 +60,13 @@ class FileSource(ImageSource):
     """Sources whose samples are image files: ``files[i]`` with label ``labels[i]``."""
 
     files: list[str]
+
+    def _keep(self, holdout_share: bool, holdout: float, seed: int) -> None:
+        """Keep only the held-out share of the (train) files, or only the rest."""
+        mask = holdout_mask(self.labels, holdout, seed)
+        keep = mask if holdout_share else ~mask
+        self.files = [f for f, k in zip(self.files, keep) if k]
+        self.labels = self.labels[keep]
 
     def image(self, index: int) -> np.ndarray:
         return load_rgb(self.files[index])
@@ -42,6 +82,14 @@ class ImageFolder(FileSource):
     ``root/<split>`` is read when it exists (ImageNet's ``train/`` and ``val/``, once val is
     arranged in class folders), otherwise ``root`` itself. The classes always come from the
     train folder when there is one, so train and val agree on label indices.
+
+    ``holdout`` (a fraction in (0, 1); 0, the default, keeps the official splits) sets aside a
+    fixed, seeded (``holdout_seed``), stratified share of each class of the train folder, for
+    choosing hyper-parameters on data that is not the reported val set: split ``train`` then
+    drops that share, and split ``val`` returns it (from the train folder) instead of the
+    official val. The two splits are disjoint and together are the full train folder. The
+    .beton cache key includes the source options, so these files never replace the official
+    ones.
     """
 
     @staticmethod
@@ -60,8 +108,9 @@ class ImageFolder(FileSource):
     def splits_coincide(cls, root: Path | None) -> bool:
         return cls.split_folder(root, "train") == cls.split_folder(root, "val")
 
-    def __init__(self, root: Path, split: str):
-        folder = self.split_folder(root, split)
+    def __init__(self, root: Path, split: str, holdout: float = 0.0, holdout_seed: int = 0):
+        holdout = _check_holdout(holdout)
+        folder = self.split_folder(root, "train" if holdout else split)
         reference = self.split_folder(root, "train")
         if split != "train" and folder == root and reference != root:
             raise DataError(f"{str(root)!r} has a train/ but no {split}/ sub-folder; arrange "
@@ -87,12 +136,23 @@ class ImageFolder(FileSource):
         if not self.files:
             raise DataError(f"{str(folder)!r} holds no images in its class folders")
         self.labels = np.asarray(labels, dtype=np.int64)
+        if holdout:
+            self._keep(split != "train", holdout, holdout_seed)
 
 
 @register_source("tiny-imagenet")
 class TinyImageNet(FileSource):
     """Tiny ImageNet 200 as distributed: ``wnids.txt``, ``train/<wnid>/images/*.JPEG``, and
-    ``val/images`` labelled by ``val/val_annotations.txt``; class indices follow wnids.txt."""
+    ``val/images`` labelled by ``val/val_annotations.txt``; class indices follow wnids.txt.
+
+    ``holdout`` (a fraction in (0, 1); 0, the default, keeps the official splits) sets aside a
+    fixed, seeded (``holdout_seed``), stratified share of each class's train images, for
+    choosing hyper-parameters on data that is not the reported val set: split ``train`` then
+    drops that share, and split ``val`` returns it instead of the official val (with 500 train
+    images a class and ``holdout: 0.1``: 450 for training, 50 for validation, per class). The
+    two splits are disjoint and together are the official train split. The .beton cache key
+    includes the source options, so these files never replace the official ones.
+    """
 
     resolution = 64
     recipe = "pad_crop"
@@ -118,12 +178,13 @@ class TinyImageNet(FileSource):
     def count_classes(cls, root: Path | None, **options) -> int:
         return len(cls._wnids(cls._base(root)))
 
-    def __init__(self, root: Path, split: str):
+    def __init__(self, root: Path, split: str, holdout: float = 0.0, holdout_seed: int = 0):
+        holdout = _check_holdout(holdout)
         base = self._base(root)
         wnids = self._wnids(base)
         self.class_names = self._names(base, wnids)
         index = {w: k for k, w in enumerate(wnids)}
-        if split == "train":
+        if split == "train" or holdout:
             self.files, labels = [], []
             for w in wnids:
                 found = _images_under(base / "train" / w / "images")
@@ -135,6 +196,8 @@ class TinyImageNet(FileSource):
         else:
             self.files, labels = self._val(base, index)
         self.labels = np.asarray(labels, dtype=np.int64)
+        if holdout:
+            self._keep(split != "train", holdout, holdout_seed)
 
     def max_pixels(self) -> int:
         return 64 * 64
