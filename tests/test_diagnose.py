@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.training.diagnose import _geometry, diagnose, pool
+from models.training.diagnose import conv_geometry, diagnose, pool
 from app.diagnose import format_table, theory_note
 from app.main import main
 from models import create_model
@@ -96,7 +96,7 @@ def test_the_window_mean_is_a_mean_kernel_convolution_and_its_adjoint_that_conv_
                                                                                         kw):
     conv = nn.Conv2d(1, 1, bias=False, **kw).double()
     nn.init.constant_(conv.weight, 1.0 / conv.weight.numel())
-    geom = _geometry(conv, size)
+    geom = conv_geometry(conv, size)
     m = torch.rand(1, 1, *size, dtype=torch.float64, requires_grad=True)
     out = conv(m)
     assert geom.out_size == tuple(out.shape[2:])
@@ -128,7 +128,7 @@ def test_the_spatial_recursion_matches_a_wide_random_network_position_by_positio
     v = fan_in * [c.weight.double().pow(2).mean().item() for c in convs]
     f = act.family()
     _, _, maps = propagate_spatial(fan_in, v, np.full(3, 256.0), [None, f, f],
-                                   [_geometry(c, n) for c, n in zip(convs, sizes)],
+                                   [conv_geometry(c, n) for c, n in zip(convs, sizes)],
                                    [x.pow(2).mean((0, 1)).double().numpy(), None, None],
                                    np.ones(3))
     for got, want in zip(measured, maps):
@@ -144,7 +144,7 @@ def test_without_zero_padding_the_spatial_theory_is_the_plain_one():
     """Circular padding keeps every map uniform: the spatial recursion, forward and backward
     (strides included), reduces to the one-number recursion."""
     f = create_act("lselu", eps=0.06).family()
-    geom = lambda n, s: _geometry(nn.Conv2d(8, 8, 3, s, 1, padding_mode="circular"), (n, n))
+    geom = lambda n, s: conv_geometry(nn.Conv2d(8, 8, 3, s, 1, padding_mode="circular"), (n, n))
     geometry = [geom(8, 1), geom(8, 2), geom(4, 1), geom(4, 2), None]
     rng = np.random.default_rng(0)
     fan_in = np.array([8 * 9] * 4 + [8 * 4], dtype=float)

@@ -131,8 +131,8 @@ def diagnose(model: nn.Module, batches: Iterable[Any], layers: str | list[str] |
     selected = select_layers(model, layers)
     device = next(model.parameters()).device
     stats = LayerStats(selected, inputs=True)
-    maps = _InputMaps(selected)
-    trace = _Trace(model)
+    maps = InputMaps(selected)
+    trace = ModuleOrder(model)
     was_training = model.training
     model.train()
     try:
@@ -145,7 +145,7 @@ def diagnose(model: nn.Module, batches: Iterable[Any], layers: str | list[str] |
         if first is None:
             raise ModelError("diagnose got no batch from the data; check the data module's "
                             "train set")
-        links = _links(trace.order, selected)
+        links = activation_links(trace.order, selected)
         samples = []
         if any(links) and not any(isinstance(m, _BATCH_NORMS) for m in model.modules()):
             for i in range(min(per_sample, len(first[0]))):
@@ -161,7 +161,7 @@ def diagnose(model: nn.Module, batches: Iterable[Any], layers: str | list[str] |
     grad_sample = (torch.stack(samples).double().numpy() if samples
                    else np.empty((0, len(selected))))
     families = [link[0] if link else None for link in links]
-    geometry = [_geometry(m, maps.in_size(i)) for i, (_, m) in enumerate(selected)]
+    geometry = [conv_geometry(m, maps.in_size(i)) for i, (_, m) in enumerate(selected)]
     anchors = np.sqrt((grad_sample ** 2).mean(0)) if samples else grad.mean(0)
     fan_in = np.array([m.weight[0].numel() for _, m in selected], dtype=float)
     channels = np.array([m.weight.shape[0] for _, m in selected], dtype=float)
@@ -223,7 +223,7 @@ def _measure(model: nn.Module, batch: Any, selected: list[tuple[str, nn.Module]]
     return torch.cat([moments, grad_norms(selected, stats.device)[:, None]], dim=1).cpu()
 
 
-class _InputMaps:
+class InputMaps:
     """Forward hooks that record each layer's input size and E[x²] per position (the mean over
     samples and channels), summed over the forwards they are entered for."""
 
@@ -235,7 +235,7 @@ class _InputMaps:
         self._consistent = [True] * len(layers)
         self._handles: list[Any] = []
 
-    def __enter__(self) -> _InputMaps:
+    def __enter__(self) -> InputMaps:
         self._handles = [m.register_forward_hook(self._hook(i))
                          for i, (_, m) in enumerate(self.layers)]
         return self
@@ -281,7 +281,7 @@ def _spatial_dims(module: nn.Module) -> int:
     return len(module.kernel_size) if isinstance(module, nn.modules.conv._ConvNd) else 0
 
 
-def _geometry(module: nn.Module, in_size: tuple[int, ...] | None) -> ConvGeometry | None:
+def conv_geometry(module: nn.Module, in_size: tuple[int, ...] | None) -> ConvGeometry | None:
     """The conv's ``ConvGeometry`` at the input size it ran at (None: dense, or never ran)."""
     dims = _spatial_dims(module)
     if not dims or in_size is None or getattr(module, "transposed", False):
@@ -295,7 +295,7 @@ def _geometry(module: nn.Module, in_size: tuple[int, ...] | None) -> ConvGeometr
     return geom if all(n >= 1 for n in geom.out_size) else None
 
 
-class _Trace:
+class ModuleOrder:
     """Records the order in which leaf modules run (to see what lies between two layers)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -303,7 +303,7 @@ class _Trace:
         self.order: list[nn.Module] = []
         self._handles: list[Any] = []
 
-    def __enter__(self) -> _Trace:
+    def __enter__(self) -> ModuleOrder:
         self.order = []
         self._handles = [m.register_forward_hook(lambda mod, a, o: self.order.append(mod))
                          for m in self.leaves]
@@ -329,7 +329,7 @@ def act_family(module: nn.Module) -> SeluFamily | None:
     return None
 
 
-def _links(order: list[nn.Module], selected: list[tuple[str, nn.Module]]
+def activation_links(order: list[nn.Module], selected: list[tuple[str, nn.Module]]
            ) -> list[tuple[SeluFamily, str] | None]:
     """Per layer: (f, its name) when h_{l−1} → f → layer l, else None (the chain restarts)."""
     ids = {id(m): i for i, (_, m) in enumerate(selected)}
