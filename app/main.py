@@ -19,6 +19,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "prepare": ("app.prepare", "write an FFCV .beton from an image folder or dataset"),
     "diagnose": ("app.diagnose", "per-layer E[h²] and ‖∂L/∂W‖ at initialisation vs. theory"),
     "bench": ("app.bench", "benchmarks: kernels, loader, train, solver"),
+    "table": ("app.table", "configs × seeds (× LR grid) → paper-style table, mean ± 95% CI"),
     "selftest": ("app.selftest", "check an install where it runs: op, data, DDP, benchmarks"),
 }
 LIGHTNING = {
