@@ -127,8 +127,9 @@ class FFCVLoader:
     ``epoch()`` gives the epoch whose order the next iteration uses (default: count the
     iterations, as ffcv does); ``before_epoch(epoch)`` runs first (seeded augmentation,
     progressive resizing). A sample that one of ``decoders`` failed to decode stops the
-    iteration with one line naming ``path`` and the sample. ``consumed`` counts the batches of the current epoch that reached the
-    training step (the data module counts them): a checkpoint's ``state_dict`` records it.
+    iteration with one line naming ``path`` and the sample. ``consumed`` counts the batches
+    of the current epoch that reached the training step (the data module counts them): a
+    checkpoint's ``state_dict`` records it.
     """
 
     def __init__(self, loader, *, device: torch.device, dtype: torch.dtype = torch.float32,

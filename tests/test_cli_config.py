@@ -59,7 +59,8 @@ def test_base_cycle_is_an_error(tmp_path):
 def test_expand_configs_replaces_each_config_flag(tmp_path):
     cfg = tmp_path / "x.yaml"
     cfg.write_text("trainer: {max_epochs: 3}\n")
-    out = expand_configs(["fit", "--config", str(cfg), f"--config={cfg}", "--trainer.fast_dev_run=1"])
+    out = expand_configs(["fit", "--config", str(cfg), f"--config={cfg}",
+                          "--trainer.fast_dev_run=1"])
     assert out[0] == "fit" and out[-1] == "--trainer.fast_dev_run=1"
     assert out[1] == "--config" and yaml.safe_load(out[2]) == {"trainer": {"max_epochs": 3}}
     assert out[3] == "--config" and yaml.safe_load(out[4]) == {"trainer": {"max_epochs": 3}}
