@@ -71,3 +71,27 @@ def test_every_shipped_config_composes():
         cfg = load_config(path)
         assert {"model", "data", "trainer"} <= set(cfg), path.name
         assert "base" not in cfg
+
+
+TRICKS = ("act", "eps", "central", "trainable_lambda", "weight_centralization", "norm",
+          "lambda_min")
+
+
+def _row(cfg: dict) -> tuple:
+    args = cfg["model"]["init_args"]
+    callbacks = (cfg.get("trainer") or {}).get("callbacks") or []
+    mixup = any("Mixup" in str(c) for c in callbacks) or (cfg.get("mixup") or {}).get("alpha")
+    return tuple(args.get(k) for k in TRICKS) + (bool(mixup),)
+
+
+def test_each_table_2_miniature_row_switches_on_the_imagenet_rows_tricks():
+    """tiny_t2_<row>.yaml and imagenet_<row>.yaml differ in scale only: same activation, ε,
+    centralization, trainable λ, WC, norm, λ bound and Mixup."""
+    rows = sorted(CONFIG_DIR.glob("tiny_t2_*.yaml"))
+    assert len(rows) >= 20
+    for tiny in rows:
+        row = tiny.name.removeprefix("tiny_t2_")
+        full = CONFIG_DIR / f"imagenet_{row}"
+        if not full.is_file():  # beyond the paper (e.g. padinit): no ImageNet twin
+            continue
+        assert _row(load_config(tiny)) == _row(load_config(full)), row
