@@ -20,6 +20,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "diagnose": ("app.diagnose", "per-layer E[h²] and ‖∂L/∂W‖ at initialisation vs. theory"),
     "bench": ("app.bench", "benchmarks: kernels, loader, train, solver"),
     "table": ("app.table", "configs × seeds (× LR grid) → paper-style table, mean ± 95% CI"),
+    "figure4": ("app.figure4", "the paper's Figure 4 of several runs side by side"),
     "selftest": ("app.selftest", "check an install where it runs: op, data, DDP, benchmarks"),
 }
 LIGHTNING = {
