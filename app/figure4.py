@@ -70,6 +70,14 @@ def spreads(values: np.ndarray) -> dict[str, float]:
             "steps": float(np.median(p90 / p10))}
 
 
+def shared_range(arrays: list[np.ndarray]) -> tuple[float, float]:
+    """A log-axis range holding every finite positive value of ``arrays``, with a margin."""
+    values = np.concatenate([a[np.isfinite(a) & (a > 0)].ravel() for a in arrays])
+    if not values.size:
+        return 0.1, 10.0
+    return float(values.min()) / 1.5, float(values.max()) * 1.5
+
+
 def compose(tiles: list[np.ndarray], columns: int = 2) -> np.ndarray:
     """RGB images in a grid, ``columns`` per row, padded white to a common size."""
     h = max(t.shape[0] for t in tiles)
@@ -119,18 +127,22 @@ def main(argv: list[str]) -> int:
 
     from models.training.plot import figure4, to_rgb
 
-    tiles = []
+    runs = []
     for spec in args.runs:
         folder, _, label = spec.partition("=")
         run = Path(folder).expanduser()
         if not run.is_dir():
             raise UserError(f"run folder {folder!r} does not exist; pass "
                             f"<default_root_dir>/lightning_logs/<run>")
-        names, h2, grad_w, kept = read_monitor(run, steps)
-        title = f"{label or run.name}: {len(kept)} records, steps {kept[0]}-{kept[-1]}"
-        tiles.append(to_rgb(figure4(h2, grad_w, names, title)))
+        runs.append((label or run.name, *read_monitor(run, steps)))
+    # one y range per panel for all runs, so the runs compare at a glance
+    ylims = tuple(shared_range([r[k] for r in runs]) for k in (2, 3))
+    tiles = []
+    for label, names, h2, grad_w, kept in runs:
+        title = f"{label}: {len(kept)} records, steps {kept[0]}-{kept[-1]}"
+        tiles.append(to_rgb(figure4(h2, grad_w, names, title, ylims=ylims)))
         spread = spreads(grad_w)
-        print(f"{label or run.name}: {len(names)} layers, {len(kept)} records; ‖∂L/∂W‖_F "
+        print(f"{label}: {len(names)} layers, {len(kept)} records; ‖∂L/∂W‖_F "
               f"median {np.median(grad_w):.3g}, over depth ×{spread['depth']:.3g}, over steps "
               f"×{spread['steps']:.3g}; median E[h²] {np.median(h2):.3g}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

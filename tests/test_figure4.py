@@ -90,3 +90,16 @@ def test_bad_input_through_the_cli_is_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: run folder") and len(err.splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_runs_share_one_y_range_per_panel():
+    from models.training.plot import figure4 as draw
+    from app.figure4 import shared_range
+
+    a, b = np.array([[0.5, 2.0]]), np.array([[np.nan, 0.0], [4.0, 8.0]])
+    low, high = shared_range([a, b])
+    assert low == pytest.approx(0.5 / 1.5) and high == pytest.approx(8.0 * 1.5)
+    fig = draw(np.ones((3, 2)), np.ones((3, 2)), ["a", "b"], "t",
+               ylims=((0.1, 10.0), (0.01, 1.0)))
+    assert fig.axes[0].get_ylim() == pytest.approx((0.1, 10.0))
+    assert fig.axes[1].get_ylim() == pytest.approx((0.01, 1.0))

@@ -22,7 +22,8 @@ MAX_WIDTH_IN = 30.0
 
 def figure4(h2: np.ndarray, grad_w: np.ndarray, names: Sequence[str], title: str,
             theory_h2: np.ndarray | None = None, theory_grad_w: np.ndarray | None = None,
-            grad_label: str = "‖∂L/∂W‖_F", chain_starts: Sequence[int] = ()) -> Figure:
+            grad_label: str = "‖∂L/∂W‖_F", chain_starts: Sequence[int] = (),
+            ylims: tuple[tuple[float, float], tuple[float, float]] | None = None) -> Figure:
     """Two panels over layer depth, like the paper's Figure 4.
 
     ``h2`` and ``grad_w`` are [samples, layers] (samples: logging steps or batches); each layer
@@ -30,7 +31,8 @@ def figure4(h2: np.ndarray, grad_w: np.ndarray, names: Sequence[str], title: str
     predictions ([layers], NaN where there is none) are drawn as lines over the boxes, broken
     at ``chain_starts`` (layers where the theory restarts from a measurement); the dashed line
     marks the fixed point E[h²] = 1. The x axis names the layers as ``<index> <name>``, the
-    index as in the monitor's ``norm/<kind>/<index>_<name>`` tags.
+    index as in the monitor's ``norm/<kind>/<index>_<name>`` tags. ``ylims`` fixes the two
+    panels' y ranges, so that figures drawn side by side compare at a glance.
     """
     layers = len(names)
     labels = layer_labels(names)
@@ -41,6 +43,9 @@ def figure4(h2: np.ndarray, grad_w: np.ndarray, names: Sequence[str], title: str
     _panel(top, h2, "E[h²]", theory_h2, chain_starts)
     top.axhline(1.0, color="0.4", linestyle="--", linewidth=0.8)
     _panel(bottom, grad_w, grad_label, theory_grad_w, chain_starts)
+    if ylims is not None:
+        top.set_ylim(*ylims[0])
+        bottom.set_ylim(*ylims[1])
     ticks = label_ticks(layers, slot_points=72 * (width - 1.5) / max(layers, 1))
     bottom.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=LABEL_POINTS)
     top.tick_params(axis="x", labelbottom=False)
