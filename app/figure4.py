@@ -35,7 +35,7 @@ def read_monitor(run: Path, steps: tuple[int, int] | None = None
                                                           "histograms": 1})
         try:
             acc.Reload()
-        except Exception as err:  # a truncated file from a killed job: keep what it holds
+        except Exception as err:  # e.g. a file truncated by a full disk: name it
             raise UserError(f"cannot read {path} ({type(err).__name__}: {err}); move the file "
                             f"aside and rerun") from None
         for tag in acc.Tags()["scalars"]:

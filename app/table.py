@@ -15,6 +15,7 @@ mean ± the 95% confidence interval of Student's t over the seeds, as the paper'
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import shlex
@@ -26,13 +27,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from app.cli import LOGS, load_config, resolve_config
 from app.errors import UserError
+from app.paths import check_output_folder
 
 EXIT_DIVERGED = 3
-# set by the table for every run; an override of one of them would break resuming
-OWN_FLAGS = ("--config", "--seed_everything", "--run", "--ckpt_path",
-             "--trainer.default_root_dir")
+# set by the table for every run (an override would break resuming), and what to use instead
+OWN_FLAGS = {"--config": "pass the configs as positional arguments",
+             "--seed_everything": "the seeds are --seeds (and --sweep-seeds)",
+             "--run": "the table names each run after its config, LR and seed",
+             "--ckpt_path": "the table resumes each run from its own last.ckpt",
+             "--trainer.default_root_dir": "the results folder is --out"}
+SOURCE_OPTIONS = "--data.init_args.source_options"
 
 
 @dataclass
@@ -42,13 +50,14 @@ class Row:
     label: str
     config: str
     budget: tuple[str, int] | None      # ("epochs", n) or ("steps", n): a finished run's
-    lr: float | None = None             # the LR used for the seeds (chosen, or the config's)
+    lr: float | None = None             # the LR chosen on the holdout (None without --lrs)
     # lr -> held-out metric per finished sweep seed, and the reported metric per finished seed
     # (None: diverged); runs that have not finished yet (--collect) are left out
     sweep: dict[str, list[float | None]] = field(default_factory=dict)
     values: list[float | None] = field(default_factory=list)
     sweep_complete: bool = True
     images_per_s: list[float] = field(default_factory=list)  # train throughput of each seed
+    config_lr: float | None = None      # the config's LR (or its override), used without --lrs
 
 
 @dataclass
@@ -92,11 +101,12 @@ def markdown(rows: Sequence[Row], title: str, metric: str, holdout: float | None
     """The paper-style table: method, LR, val top-1 (mean ± 95% CI), n, and the LR sweep."""
     swept = any(r.sweep for r in rows)
     head = ["Method", "lr", "val top-1 (95% CI)", "n", "img/s"] + (
-        [f"held-out top-1 by lr ({int(100 * holdout)}% of train)"] if swept else [])
+        [f"held-out top-1 by lr ({round(100 * holdout)}% of train)"] if swept else [])
     lines = [f"**{title}**", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in rows:
-        lr = "—" if r.lr is None else f"{r.lr:g}" + ("" if r.sweep_complete else " (so far)")
+        lr = ("—" if r.config_lr is None else f"{r.config_lr:g}") if r.lr is None else (
+            f"{r.lr:g}" + ("" if r.sweep_complete else " (so far)"))
         speed = f"{sum(r.images_per_s) / len(r.images_per_s):,.0f}" if r.images_per_s else "—"
         cells = [r.label, lr, format_cell(r.values), str(sum(v is not None for v in r.values)),
                  speed]
@@ -126,11 +136,22 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
 def budget(cfg: dict, overrides: Sequence[str]) -> tuple[str, int] | None:
     """What a finished run has done: max_steps when set, else max_epochs (None: unknown)."""
     trainer = cfg.get("trainer") or {}
-    steps = _flag_value(overrides, "--trainer.max_steps") or trainer.get("max_steps")
-    if steps is not None and int(steps) > 0:
-        return ("steps", int(steps))
-    epochs = _flag_value(overrides, "--trainer.max_epochs") or trainer.get("max_epochs")
-    return ("epochs", int(epochs)) if epochs is not None and int(epochs) > 0 else None
+    steps = _whole(_flag_value(overrides, "--trainer.max_steps") or trainer.get("max_steps"),
+                   "trainer.max_steps")
+    if steps is not None and steps > 0:
+        return ("steps", steps)
+    epochs = _whole(_flag_value(overrides, "--trainer.max_epochs") or trainer.get("max_epochs"),
+                    "trainer.max_epochs")
+    return ("epochs", epochs) if epochs is not None and epochs > 0 else None
+
+
+def _whole(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} {value!r} must be a whole number, e.g. 24") from None
 
 
 def run_name(config: str, seed: int, lr: float | None, holdout: bool) -> str:
@@ -156,6 +177,7 @@ class Sweep:
         self.metric, self.holdout, self.collect_only = metric, holdout, collect_only
         self.runs: list[Run] = []
         self.launched = 0
+        self.user_source_options = False  # given on the command line: passed to every run
 
     def folder(self, name: str) -> Path:
         return self.out / LOGS / name
@@ -174,24 +196,32 @@ class Sweep:
         if run.lr is not None:
             argv += ["--model.init_args.lr", repr(run.lr)]
         if run.holdout:
-            argv += ["--data.init_args.source_options",
-                     json.dumps({**source_options, "holdout": self.holdout})]
+            argv += [SOURCE_OPTIONS, json.dumps({**source_options, "holdout": self.holdout})]
+        elif self.user_source_options:
+            argv += [SOURCE_OPTIONS, json.dumps(source_options)]
         argv += self.overrides
         log = self.out / "logs" / f"{run.name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"[run {len(self.runs)}] {run.name}: started, log {log}", flush=True)
         start = time.monotonic()
         with open(log, "ab") as fh:
-            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
+            try:
+                proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
+            except OSError as err:
+                raise UserError(f"cannot start the training command {argv[0]!r} "
+                                f"({err.strerror or err}); fix --fit-command") from None
             # a scheduler's SIGTERM to the table goes on to the run, which saves last.ckpt
             # and exits 128 + 15; the table then stops with that code
             previous = signal.signal(signal.SIGTERM, lambda signum, _: proc.send_signal(signum))
             try:
                 rc = proc.wait()
-            except KeyboardInterrupt:  # the run got the signal too: let it save last.ckpt
+            except KeyboardInterrupt:  # Ctrl-C: stop the run as a preemption, saving last.ckpt
+                proc.send_signal(signal.SIGTERM)
                 rc = proc.wait()
             finally:
                 signal.signal(signal.SIGTERM, previous)
+        if rc < 0:  # killed by a signal before it could handle it (e.g. the OOM killer)
+            rc = 128 - rc
         self.launched += 1
         if rc == EXIT_DIVERGED:
             self._status_file(run.name).parent.mkdir(parents=True, exist_ok=True)
@@ -262,7 +292,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m app table", allow_abbrev=False,
         description="Train configs × seeds (× an LR grid) one subprocess at a time, resumably, "
-                    "and print a Markdown table of val top-1 (mean ± 95%% CI, Student t). "
+                    "and print a Markdown table of val top-1 (mean ± 95% CI, Student t). "
                     "Options this tool does not know (e.g. --trainer.max_epochs 12, "
                     "--data.init_args.root DIR) go to every run.")
     p.add_argument("configs", nargs="+", metavar="[LABEL=]CONFIG",
@@ -289,48 +319,134 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rows(specs: Sequence[str], overrides: Sequence[str]) -> list[tuple[Row, dict]]:
-    rows = []
+def _rows(specs: Sequence[str], overrides: Sequence[str], user_options: dict
+          ) -> list[tuple[Row, dict]]:
+    """One row per config: its label, budget and LR, and its source with the source options
+    (the config's, updated by the command line's)."""
+    rows, stems = [], {}
     for spec in specs:
         label, _, config = spec.rpartition("=")
         path = resolve_config(config)
+        stem = path.name.removesuffix(".yaml")
+        if stem in stems:  # run folders are named after the stem
+            raise UserError(f"configs {stems[stem]} and {config} share the name {stem!r}, which "
+                            f"names their runs; copy one under another name")
+        stems[stem] = config
         cfg = load_config(path)
         data = ((cfg.get("data") or {}).get("init_args") or {})
-        rows.append((Row(label or row_label(path), config, budget(cfg, overrides)),
-                     {"source": data.get("source"), **(data.get("source_options") or {})}))
+        lr = _flag_value(overrides, "--model.init_args.lr") or (
+            ((cfg.get("model") or {}).get("init_args") or {}).get("lr"))
+        row = Row(label or row_label(path), config, budget(cfg, overrides),
+                  config_lr=None if lr is None else float(lr))
+        source = _flag_value(overrides, "--data.init_args.source") or data.get("source")
+        paths = [k for k in ("train_path", "val_path")
+                 if (_flag_value(overrides, f"--data.init_args.{k}") or data.get(k))
+                 not in (None, "null", "None")]
+        rows.append((row, {"source": source, "fixed_paths": paths,
+                           "options": {**(data.get("source_options") or {}), **user_options}}))
     return rows
 
 
+def _check_sweepable(row: Row, info: dict) -> None:
+    """The LR sweep reads a held-out share of the train split: refuse what would read the
+    official val set instead."""
+    if info["source"] in (None, "null", "None"):
+        raise UserError(f"config {row.config} reads fixed .beton files; the LR sweep needs "
+                        f"data.source (tiny-imagenet or imagefolder) for its holdout")
+    from data.sources import get_source
+
+    if "holdout" not in inspect.signature(get_source(str(info["source"]))).parameters:
+        raise UserError(f"source {info['source']!r} of {row.config} has no holdout option; the "
+                        f"LR sweep needs tiny-imagenet or imagefolder, or drop --lrs")
+    if info["fixed_paths"]:
+        raise UserError(f"{row.config} sets data.{info['fixed_paths'][0]}, which would be read "
+                        f"instead of the held-out split; drop it for the LR sweep (the table's "
+                        f"runs prepare their own .beton files)")
+
+
 def _check(args: argparse.Namespace, overrides: list[str]) -> None:
-    for flag in OWN_FLAGS + (("--model.init_args.lr",) if args.lrs else ()):
+    own = {**OWN_FLAGS, **({"--model.init_args.lr": "the LR grid is --lrs"} if args.lrs else {})}
+    for flag, instead in own.items():
         if any(a == flag or a.startswith(flag + "=") for a in overrides):
-            raise UserError(f"{flag} is set by the table for each run; drop it (the LR grid is "
-                            f"--lrs, the results folder --out)")
+            raise UserError(f"{flag} is set by the table for each run; drop it ({instead})")
     if not 0 < args.holdout < 1:
         raise UserError(f"--holdout {args.holdout:g} must be a fraction in (0, 1), e.g. 0.1")
     if args.lrs and any(lr <= 0 for lr in args.lrs):
         raise UserError(f"--lrs {' '.join(map(str, args.lrs))}: every LR must be positive")
+    for flag, seeds in (("--seeds", args.seeds), ("--sweep-seeds", args.sweep_seeds or [])):
+        if len(set(seeds)) != len(seeds):  # a seed twice would count one run twice
+            raise UserError(f"{flag} {' '.join(map(str, seeds))} repeats a seed; give each once")
+
+
+def _pop_source_options(overrides: list[str]) -> tuple[list[str], dict]:
+    """The command line's source options (merged into each run's, so that the holdout is kept
+    beside them) and the other overrides."""
+    rest, options, i = [], {}, 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if arg == SOURCE_OPTIONS and i + 1 < len(overrides):
+            text, i = overrides[i + 1], i + 2
+        elif arg.startswith(SOURCE_OPTIONS + "="):
+            text, i = arg.split("=", 1)[1], i + 1
+        else:
+            rest.append(arg)
+            i += 1
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = None
+        if not isinstance(value, dict):
+            raise UserError(f"{SOURCE_OPTIONS} {text!r} must be a mapping, e.g. "
+                            f"'{{holdout_seed: 1}}'")
+        options.update(value)
+    return rest, options
+
+
+def _check_folder(out: Path, overrides: list[str], args: argparse.Namespace) -> None:
+    """A results folder holds runs of one set of options: refuse to mix in others."""
+    check_output_folder(out, "--out")
+    previous = out / "table.json"
+    if not previous.is_file():
+        return
+    try:
+        before = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return  # unreadable: rewritten at the end; the run folders decide what is done
+    said = {"overrides": overrides, "holdout": args.holdout if args.lrs else None}
+    for key, now in said.items():
+        was = before.get(key)
+        if key in before and was is not None and now is not None and was != now:
+            raise UserError(f"{out} holds runs made with {key} {was!r}, this command gives "
+                            f"{now!r}; give the same options, or a new --out")
 
 
 def main(argv: list[str]) -> int:
     args, overrides = _parser().parse_known_args(argv)
     _check(args, overrides)
-    rows = _rows(args.configs, overrides)
+    run_overrides, user_options = _pop_source_options(overrides)
+    rows = _rows(args.configs, run_overrides, user_options)
     if args.lrs:
-        for row, options in rows:
-            if options["source"] is None:
-                raise UserError(f"config {row.config} reads fixed .beton files; the LR sweep "
-                                f"needs data.source (tiny-imagenet or imagefolder) for its "
-                                f"holdout")
+        for row, info in rows:
+            _check_sweepable(row, info)
+            row.config_lr = None  # the sweep chooses it
+    try:
+        fit = (shlex.split(args.fit_command) if args.fit_command
+               else [sys.executable, "-m", "app", "fit"])
+    except ValueError as err:
+        raise UserError(f"--fit-command {args.fit_command!r}: {err}; fix its quoting") from None
+    if not fit:
+        raise UserError("--fit-command is empty; give the training command, e.g. "
+                        "'python -m app fit'")
     out = args.out.expanduser().resolve()
+    _check_folder(out, overrides, args)
     out.mkdir(parents=True, exist_ok=True)
-    fit = (shlex.split(args.fit_command) if args.fit_command
-           else [sys.executable, "-m", "app", "fit"])
-    sweep = Sweep(out, fit, overrides, args.metric, args.holdout, args.collect)
+    sweep = Sweep(out, fit, run_overrides, args.metric, args.holdout, args.collect)
+    sweep.user_source_options = bool(user_options)
     sweep_seeds = args.sweep_seeds or args.seeds[:1]
     try:
-        for row, options in rows:
-            options = {k: v for k, v in options.items() if k != "source"}
+        for row, info in rows:
+            options = info["options"]
             if args.lrs:
                 for lr in args.lrs:
                     runs = [sweep.result(row, Run(run_name(row.config, s, lr, True), row.config,
@@ -346,10 +462,10 @@ def main(argv: list[str]) -> int:
             row.images_per_s = [r.summary["images_per_s"] for r in runs
                                 if r.summary and r.summary.get("images_per_s")]
     except RunFailed as err:
-        _write(out, rows, sweep, args)
+        _write(out, rows, sweep, args, overrides)
         print(f"error: {err}", file=sys.stderr)
         return err.code
-    text = _write(out, rows, sweep, args)
+    text = _write(out, rows, sweep, args, overrides)
     print(text, end="")
     print(f"wrote {out / 'table.md'} and {out / 'table.json'} ({sweep.launched} runs launched, "
           f"{len(sweep.runs)} in the table)")
@@ -370,8 +486,8 @@ def _choose(sweep: dict[str, list[float | None]]) -> float | None:
     return float(max(scores, key=scores.get)) if scores else None
 
 
-def _write(out: Path, rows: list[tuple[Row, dict]], sweep: Sweep, args: argparse.Namespace
-           ) -> str:
+def _write(out: Path, rows: list[tuple[Row, dict]], sweep: Sweep, args: argparse.Namespace,
+           overrides: list[str]) -> str:
     plain = [r for r, _ in rows]
     text = markdown(plain, args.title or out.name, args.metric,
                     args.holdout if args.lrs else None)
@@ -379,7 +495,7 @@ def _write(out: Path, rows: list[tuple[Row, dict]], sweep: Sweep, args: argparse
     (out / "table.json").write_text(json.dumps(
         {"title": args.title or out.name, "metric": args.metric, "seeds": args.seeds,
          "lrs": args.lrs, "holdout": args.holdout if args.lrs else None,
-         "overrides": sweep.overrides,
+         "overrides": overrides,
          "rows": [asdict(r) for r in plain],
          "runs": [{**asdict(run), "folder": str(sweep.folder(run.name))}
                   for run in sweep.runs]}, indent=1) + "\n")

@@ -287,7 +287,8 @@ class FFCVImageDataModule(LightningDataModule):
             split, path = missing[0]
             raise DataError(f"{split} .beton {str(path)!r} does not exist and no source is set; "
                             f"prepare it with `python -m app prepare` or set data.source")
-        if missing and get_source(self.source).splits_coincide(Path(self.root or ".").expanduser()):
+        if missing and get_source(self.source).splits_coincide(
+                Path(self.root or ".").expanduser(), **self.source_options):
             raise DataError(f"root {self.root!r} has no train/ and val/ sub-folders, so val "
                             f"would repeat train; arrange root/train and root/val, or give "
                             f"data.val_path")

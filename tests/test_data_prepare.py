@@ -483,3 +483,30 @@ def test_holdout_needs_two_images_a_class(tmp_path):
     base = _tiny_imagenet(tmp_path, per_class=1)
     with pytest.raises(DataError, match="at least 2 per class"):
         open_source("tiny-imagenet", base, "val", holdout=0.5)
+
+
+def test_a_flat_imagefolder_with_a_holdout_has_a_val_split(tmp_path, monkeypatch):
+    """Without train/ and val/ sub-folders val would repeat train, unless it is the held-out
+    share: then the data module prepares both."""
+    from data.datamodule import FFCVImageDataModule
+
+    monkeypatch.setenv("SELFNORM_DATA_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "flat"
+    for k, name in enumerate(("ant", "bee")):
+        for j in range(4):
+            save(root / name / f"{j}.png", Image.fromarray(rgb(8, 8, 10 * k + j)))
+    flat = FFCVImageDataModule(source="imagefolder", root=str(root), batch_size=2)
+    with pytest.raises(DataError, match="val would repeat train"):
+        flat.prepare_data()
+    held = FFCVImageDataModule(source="imagefolder", root=str(root), batch_size=2,
+                               source_options={"holdout": 0.25})
+    held.prepare_data()
+    assert np.bincount(stored_labels(held.train_path)).tolist() == [3, 3]
+    assert np.bincount(stored_labels(held.val_path)).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("seed", ["abc", -1, 1.5])
+def test_bad_holdout_seed_is_a_data_error(tmp_path, seed):
+    base = _tiny_imagenet(tmp_path)
+    with pytest.raises(DataError, match="holdout_seed .* must be a whole number"):
+        open_source("tiny-imagenet", base, "val", holdout=0.2, holdout_seed=seed)

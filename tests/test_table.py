@@ -19,7 +19,10 @@ import pytest
 from scipy import stats
 
 from app.main import main as app_main
+from app.cli import load_config, resolve_config
+from app.errors import UserError
 from app.table import format_cell, markdown, mean_ci, Row
+from app.table import main as table_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,6 +189,18 @@ def test_failed_run_stops_the_table_with_one_line(tmp_path, capsys):
     (["tiny_t2_selu.yaml", "--lrs", "0.1", "--model.init_args.lr", "0.2"],
      "--model.init_args.lr is set by the table"),
     (["tiny_t2_selu.yaml", "--lrs", "0.1", "--holdout", "1.5"], "--holdout 1.5"),
+    (["tiny_t2_selu.yaml", "--seed_everything", "1"], "the seeds are --seeds"),
+    (["tiny_t2_selu.yaml", "--config", "x.yaml"], "pass the configs as positional arguments"),
+    (["tiny_t2_selu.yaml", "--seeds", "0", "0"], "--seeds 0 0 repeats a seed"),
+    (["tiny_t2_selu.yaml", "tiny_t2_selu.yaml"], "share the name 'tiny_t2_selu'"),
+    (["demo.yaml", "--lrs", "0.1"], "source 'digits' of demo.yaml has no holdout option"),
+    (["tiny_t2_selu.yaml", "--lrs", "0.1", "--data.init_args.train_path", "t.beton"],
+     "sets data.train_path, which would be read instead of the held-out split"),
+    (["tiny_t2_selu.yaml", "--trainer.max_epochs", "abc"], "trainer.max_epochs 'abc' must be"),
+    (["tiny_t2_selu.yaml", "--fit-command", "'unbalanced"], "fix its quoting"),
+    (["tiny_t2_selu.yaml", "--fit-command", "/nonexistent/fit"],
+     "cannot start the training command '/nonexistent/fit'"),
+    (["tiny_t2_selu.yaml", "--data.init_args.source_options", "[1]"], "must be a mapping"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "app", "table", *argv, "--out",
@@ -206,7 +221,8 @@ def test_a_real_one_step_run_on_digits(tmp_path, monkeypatch):
     summary = json.loads((out / "lightning_logs" / "demo-s0" / "summary.json").read_text())
     assert summary["global_step"] == 2 and summary["epochs"] == 1
     table = (out / "table.md").read_text()
-    assert f"| Demo | — | {100 * summary['final_metrics']['val/top1']:.2f}% | 1 |" in table
+    lr = load_config(resolve_config("demo.yaml"))["model"]["init_args"]["lr"]  # no --lrs
+    assert f"| Demo | {lr:g} | {100 * summary['final_metrics']['val/top1']:.2f}% | 1 |" in table
     assert (out / "table.json").is_file()
     log = (out / "logs" / "demo-s0.log").stat().st_size
     assert app_main(argv) == 0  # finished (1 of max_epochs 1): not run again
@@ -245,3 +261,37 @@ def test_sigterm_to_the_table_reaches_the_run_and_stops_the_table(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143
     assert "run tiny_t2_selu-s0 stopped (exit code 143); rerun the same command" in err
+
+
+def test_source_options_given_are_kept_beside_the_holdout(stub, tmp_path):
+    command, calls = stub
+    assert app_main(["table", "tiny_t2_selu.yaml", "--out", str(tmp_path / "r"), "--seeds", "0",
+                     "--lrs", "0.1", "--fit-command", command,
+                     "--data.init_args.source_options", "{holdout_seed: 3}"]) == 0
+    given = [json.loads(a[a.index("--data.init_args.source_options") + 1])
+             for a in calls_of(calls)]
+    assert given == [{"holdout_seed": 3, "holdout": 0.1}, {"holdout_seed": 3}]
+    assert all(a.count("--data.init_args.source_options") == 1 for a in calls_of(calls))
+
+
+def test_a_results_folder_refuses_runs_with_other_options(stub, tmp_path):
+    command, calls = stub
+    out = tmp_path / "r"
+    base = ["table", "tiny_t2_selu.yaml", "--out", str(out), "--seeds", "0", "--fit-command",
+            command]
+    assert app_main([*base, "--trainer.max_epochs", "3"]) == 0
+    before = (out / "table.json").read_text()
+    with pytest.raises(UserError, match="holds runs made with overrides .* a new --out"):
+        table_main([*base[1:], "--trainer.max_epochs", "4"])
+    assert (out / "table.json").read_text() == before and len(calls_of(calls)) == 1
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        table_main(["tiny_t2_selu.yaml", "--out", str(tmp_path / "file")])
+
+
+def test_a_run_killed_by_a_signal_stops_the_table_as_a_stopped_run(tmp_path, capsys):
+    kill = f"{sys.executable} -c 'import os, signal; os.kill(os.getpid(), signal.SIGKILL)'"
+    code = app_main(["table", "tiny_t2_selu.yaml", "--out", str(tmp_path / "r"), "--seeds", "0",
+                     "--fit-command", kill])
+    assert code == 137
+    assert "stopped (exit code 137); rerun the same command" in capsys.readouterr().err

@@ -73,7 +73,7 @@ class ImageSource(ABC):
         return cls.resolution
 
     @classmethod
-    def splits_coincide(cls, root: Path | None) -> bool:
+    def splits_coincide(cls, root: Path | None, **options: Any) -> bool:
         """True when 'train' and 'val' would read the very same files (a folder without
         split sub-folders): fine for one ``prepare`` call, wrong for a train/val pair."""
         return False

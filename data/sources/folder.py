@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,8 @@ def holdout_mask(labels: np.ndarray, holdout: float, seed: int) -> np.ndarray:
     """
     if not _check_holdout(holdout):
         raise DataError("holdout must be a fraction in (0, 1), e.g. 0.1")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DataError(f"holdout_seed {seed!r} must be a whole number ≥ 0, e.g. 0")
     mask = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
@@ -105,7 +108,9 @@ class ImageFolder(FileSource):
         return len(classes)
 
     @classmethod
-    def splits_coincide(cls, root: Path | None) -> bool:
+    def splits_coincide(cls, root: Path | None, **options: Any) -> bool:
+        if _check_holdout(options.get("holdout")):  # val is the held-out share: disjoint
+            return False
         return cls.split_folder(root, "train") == cls.split_folder(root, "val")
 
     def __init__(self, root: Path, split: str, holdout: float = 0.0, holdout_seed: int = 0):
