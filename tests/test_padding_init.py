@@ -105,3 +105,16 @@ def test_config_appends_it_to_the_shared_callbacks():
     assert paths[-1] == "models.training.padding_init.PaddingAwareInit"
     assert len(paths) >= 2  # the shared progress bar stays
     assert cfg["model"]["init_args"]["central"] is True
+
+
+def test_a_bf16_batch_of_mixed_precision_gives_the_float32_gains():
+    torch.manual_seed(0)
+    net = ImageClassifier(**MINI).model
+    x = _gaussian(n=8)[0]
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    exact = padding_aware_init_(net, x)
+    net.load_state_dict(state)
+    rounded = padding_aware_init_(net, x.bfloat16())
+    assert rounded.keys() == exact.keys()
+    for name, gain in exact.items():
+        assert rounded[name] == pytest.approx(gain, rel=2e-2), name

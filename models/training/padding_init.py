@@ -55,6 +55,9 @@ def padding_aware_init_(model: nn.Module, x: Tensor, target: float = 1.0,
     """
     if not target > 0:
         raise ModelError(f"PaddingAwareInit target must be positive, got {target!r}.")
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is not None and x.is_floating_point():
+        x = x.to(param.dtype)  # a mixed-precision (bf16/fp16) batch: no autocast out here
     selected = select_layers(model, layers)
     state = _measure(model, x, selected)
     gains: dict[str, float] = {}
