@@ -236,9 +236,11 @@ def test_a_stopped_run_stops_the_table_with_its_exit_code(tmp_path, capsys):
     assert "rerun the same command to resume it" in capsys.readouterr().err
 
 
-def test_sigterm_to_the_table_reaches_the_run_and_stops_the_table(tmp_path):
-    """A real SIGTERM to the table process: the run gets it, and the table exits with the
-    run's code (143, as a preempted fit) and a line saying how to resume."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_table_stops_the_run_as_a_preemption(tmp_path, signum):
+    """A real SIGTERM (a scheduler) or SIGINT (Ctrl-C) to the table process: the run gets
+    SIGTERM, and the table exits with the run's code (143, as a preempted fit) and a line
+    saying how to resume."""
     marker = tmp_path / "started"
     run = textwrap.dedent(f'''
         import pathlib, signal, sys, time
@@ -257,7 +259,7 @@ def test_sigterm_to_the_table_reaches_the_run_and_stops_the_table(tmp_path):
             break
         time.sleep(0.05)
     assert marker.exists(), "the run never started"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143
     assert "run tiny_t2_selu-s0 stopped (exit code 143); rerun the same command" in err
