@@ -253,7 +253,10 @@ def test_a_signal_to_the_table_stops_the_run_as_a_preemption(tmp_path, signum):
     proc = subprocess.Popen([sys.executable, "-m", "app", "table", "tiny_t2_selu.yaml", "--out",
                              str(tmp_path / "r"), "--seeds", "0", "--fit-command",
                              f"{sys.executable} {script}"], cwd=REPO, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True,
+                            # as from a terminal: a job started in the background (`cmd &`, as
+                            # CI may run the suite) inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for _ in range(600):
         if marker.exists():
             break
