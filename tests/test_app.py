@@ -17,14 +17,6 @@ TINY_FIT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
             "--trainer.enable_model_summary=false"]
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """A fresh working directory with its own .beton cache (the demo prepares digits there)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SELFNORM_DATA_DIR", str(tmp_path / "betons"))
-    return tmp_path
-
-
 def _ckpts(root: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in root.glob("lightning_logs/**/*.ckpt")}
 

@@ -22,13 +22,6 @@ SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=6",
          "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false"]
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SELFNORM_DATA_DIR", str(tmp_path / "betons"))
-    return tmp_path
-
-
 def scalars(run: Path) -> dict[str, list]:
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
     acc.Reload()

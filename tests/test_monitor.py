@@ -206,16 +206,23 @@ def test_hooks_exist_only_during_logging_steps_and_nothing_grows_over_100_steps(
 
 # ---- logging ----------------------------------------------------------------------------------
 
-def test_tensorboard_holds_every_layers_scalars_the_figure_and_histograms(tmp_path):
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory) -> tuple[NormalizationMonitor, EventAccumulator]:
+    """One 7-step run of a 3-layer conv net logging every step to TensorBoard, and its events."""
+    tmp_path = tmp_path_factory.mktemp("tb")
     torch.manual_seed(0)
     module = Tiny(conv_net(), lr=0.01)
     mon = NormalizationMonitor(every_n_steps=1, figure_every_n_logs=3)
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     trainer(tmp_path, [mon], max_steps=7, logger=logger).fit(module, loader(batches((3, 6, 6), 7)))
-
     events = EventAccumulator(str(tmp_path / "tb" / "version_0"),
                               size_guidance={"images": 0, "scalars": 0, "histograms": 0})
     events.Reload()
+    return mon, events
+
+
+def test_tensorboard_holds_every_layers_scalars_the_figure_and_histograms(logged):
+    mon, events = logged
     tags = events.Tags()
     expected = {mon.tag(kind, i) for i in range(3) for kind in KINDS}
     assert expected == {t for t in tags["scalars"] if t.startswith("norm/")}
@@ -235,15 +242,8 @@ def test_tensorboard_holds_every_layers_scalars_the_figure_and_histograms(tmp_pa
     assert "norm/layers/text_summary" in tags["tensors"]
 
 
-def test_each_layers_histogram_holds_that_layers_values_over_the_window(tmp_path):
-    torch.manual_seed(0)
-    module = Tiny(conv_net(), lr=0.01)
-    mon = NormalizationMonitor(every_n_steps=1, figure_every_n_logs=3)
-    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
-    trainer(tmp_path, [mon], max_steps=7, logger=logger).fit(module, loader(batches((3, 6, 6), 7)))
-    events = EventAccumulator(str(tmp_path / "tb" / "version_0"),
-                              size_guidance={"scalars": 0, "histograms": 0})
-    events.Reload()
+def test_each_layers_histogram_holds_that_layers_values_over_the_window(logged):
+    mon, events = logged
     # drawn after steps 2 and 5 (every 3rd record) and at the end (step 6), each over the
     # window of the last 3 records
     windows = {2: [0, 1, 2], 5: [3, 4, 5], 6: [4, 5, 6]}
