@@ -123,14 +123,27 @@ def markdown(rows: Sequence[Row], title: str, metric: str, holdout: float | None
 
 # ---- runs ---------------------------------------------------------------------------------------
 
+def _take_flag(args: Sequence[str], flag: str) -> tuple[list[str], list[str]]:
+    """The values given to ``flag`` (as ``flag value`` or ``flag=value``), in order, and the
+    other arguments."""
+    values, rest, i = [], [], 0
+    while i < len(args):
+        if args[i] == flag and i + 1 < len(args):
+            values.append(args[i + 1])
+            i += 2
+            continue
+        if args[i].startswith(flag + "="):
+            values.append(args[i].split("=", 1)[1])
+        else:
+            rest.append(args[i])
+        i += 1
+    return values, rest
+
+
 def _flag_value(args: Sequence[str], flag: str) -> str | None:
-    value = None
-    for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif a.startswith(flag + "="):
-            value = a.split("=", 1)[1]
-    return value
+    """The value ``flag`` is given last (the one that wins), None if it is not given."""
+    values, _ = _take_flag(args, flag)
+    return values[-1] if values else None
 
 
 def budget(cfg: dict, overrides: Sequence[str]) -> tuple[str, int] | None:
@@ -381,17 +394,9 @@ def _check(args: argparse.Namespace, overrides: list[str]) -> None:
 def _pop_source_options(overrides: list[str]) -> tuple[list[str], dict]:
     """The command line's source options (merged into each run's, so that the holdout is kept
     beside them) and the other overrides."""
-    rest, options, i = [], {}, 0
-    while i < len(overrides):
-        arg = overrides[i]
-        if arg == SOURCE_OPTIONS and i + 1 < len(overrides):
-            text, i = overrides[i + 1], i + 2
-        elif arg.startswith(SOURCE_OPTIONS + "="):
-            text, i = arg.split("=", 1)[1], i + 1
-        else:
-            rest.append(arg)
-            i += 1
-            continue
+    given, rest = _take_flag(overrides, SOURCE_OPTIONS)
+    options: dict = {}
+    for text in given:
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
